@@ -1,0 +1,74 @@
+"""The LLM proxy: ``create_app`` builds every component from the settings and wires them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from flask import Flask
+
+from settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("llm_proxy")
+
+
+class LLMProxy:
+    """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
+
+    def __init__(self, settings: Settings, *, clock=time.monotonic):
+        from app.gateway import Gateway
+        from app.providers import build_provider
+        from app.router import Router
+
+        self.settings = settings
+        self.clock = clock
+        self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
+        self.router = Router(self.providers)
+        self.gateway = Gateway(self.router, clock=clock)
+
+    def close(self):
+        for adapter in self.providers:
+            adapter.close()
+
+
+def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Flask:
+    """The Flask app; settings come from the environment and config file when not given."""
+    if settings is None:
+        settings = _load_or_exit()
+    from app import api
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.server.max_request_body_mb * 1024 * 1024)
+    app.json.sort_keys = False
+    app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock)
+    api.register(app)
+    return app
+
+
+def configure_logging(settings: Settings):
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def describe(settings: Settings) -> str:
+    """The first log line: what serves, and why when it is the mock."""
+    enabled = [p for p in settings.providers if p.enabled]
+    names = ", ".join(f"{p.name} ({p.type})" for p in enabled)
+    source = settings.config_path or "no config file"
+    line = (f"llm-proxy {settings.version} ({settings.environment}) on "
+            f"{settings.server.host}:{settings.server.port}, providers: {names}; {source}")
+    if not settings.config_path and all(p.type == "mock" for p in enabled):
+        line += "; no provider keys set: serving the built-in mock provider"
+    return line
+
+
+def _load_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"llm-proxy: bad configuration: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings)
+    log.warning(describe(settings))
+    return settings

@@ -1,0 +1,95 @@
+"""HTTP surface: the blueprints, the per-request context and the one error handler."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from flask import Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from app.errors import PayloadTooLarge, ProxyError, error_body
+from app.gateway import RequestContext
+
+log = logging.getLogger("llm_proxy.api")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def register(app):
+    from app.api import openai, providers
+
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(providers.bp)
+    app.before_request(_start_context)
+    app.after_request(_proxy_headers)
+    app.register_error_handler(ProxyError, _proxy_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+
+def proxy():
+    """The LLMProxy that create_app built for this app."""
+    return current_app.extensions["llm_proxy"]
+
+
+def _never_disconnected():
+    return False
+
+
+def _start_context():
+    clock = proxy().clock
+    incoming = request.headers.get("X-Request-ID", "")
+    started = clock()
+    g.ctx = RequestContext(
+        request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+        started=started,
+        deadline=started + proxy().settings.http_client.deadline,
+        client_disconnected=request.environ.get("waitress.client_disconnected",
+                                                _never_disconnected))
+
+
+def _proxy_headers(response):
+    ctx = g.get("ctx")
+    if ctx is None:
+        return response
+    headers = response.headers
+    headers["X-Request-ID"] = ctx.request_id
+    if ctx.attempts or ctx.provider:
+        overhead = (proxy().clock() - ctx.started - ctx.upstream_seconds) * 1000
+        headers["X-Proxy-Provider"] = ctx.provider
+        headers["X-Proxy-Attempts"] = str(ctx.attempts)
+        headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
+    return response
+
+
+def error_response(error: ProxyError) -> Response:
+    response = Response(error.body(), status=error.status, mimetype="application/json")
+    response.headers.update(error.headers)
+    return response
+
+
+def _proxy_error(error: ProxyError):
+    return error_response(error)
+
+
+def _http_error(error: HTTPException):
+    if isinstance(error, RequestEntityTooLarge):
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        return error_response(PayloadTooLarge(
+            f"The request body is larger than the limit of {limit} bytes."))
+    messages = {404: f"Unknown path {request.path!r}.",
+                405: f"Method {request.method} is not allowed on {request.path!r}."}
+    body = error_body(messages.get(error.code, error.description), "invalid_request_error",
+                      None, (error.name or "error").lower().replace(" ", "_"))
+    response = Response(body, status=error.code, mimetype="application/json")
+    if error.code == 405:
+        response.headers["Allow"] = ", ".join(error.valid_methods or ())
+    return response
+
+
+def _unexpected_error(error: Exception):
+    ctx = g.get("ctx")
+    log.exception("request %s: unexpected error", ctx.request_id if ctx else "-")
+    return Response(error_body("The proxy failed to serve this request.", "server_error", None,
+                               "internal_error"), status=500, mimetype="application/json")

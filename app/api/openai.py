@@ -1,0 +1,59 @@
+"""The OpenAI endpoints, each also reachable without the ``/v1`` prefix."""
+
+from __future__ import annotations
+
+import orjson
+from flask import Blueprint, Response, g, request
+
+from app.api import proxy
+from app.providers import Call
+from app.validation import parse_body, validate
+
+bp = Blueprint("openai", __name__)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _route(path, **options):
+    """Register a view at ``/v1{path}`` and at ``{path}``."""
+    def decorate(view):
+        bp.add_url_rule("/v1" + path, view_func=view, **options)
+        bp.add_url_rule(path, view_func=view, endpoint=view.__name__ + "_unversioned", **options)
+        return view
+    return decorate
+
+
+@_route("/chat/completions", methods=["POST"])
+def chat_completions():
+    return _serve("chat")
+
+
+@_route("/completions", methods=["POST"])
+def completions():
+    return _serve("completions")
+
+
+@_route("/embeddings", methods=["POST"])
+def embeddings():
+    return _serve("embeddings")
+
+
+@_route("/models", methods=["GET"])
+def models():
+    router = proxy().router
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner}
+            for name, owner in router.model_owners()]
+    return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
+
+
+def _serve(endpoint):
+    """Parse, validate and hand the call to the gateway; legacy clients need no Content-Type."""
+    raw = request.get_data(cache=False)
+    body = validate(endpoint, parse_body(raw))
+    stream = endpoint != "embeddings" and body.get("stream") is True
+    call = Call(endpoint, body, raw, stream)
+    gateway = proxy().gateway
+    if stream:
+        return Response(gateway.stream(call, g.ctx), mimetype="text/event-stream",
+                        headers=SSE_HEADERS)
+    reply = gateway.complete(call, g.ctx)
+    return Response(reply.body, status=reply.status, mimetype="application/json")

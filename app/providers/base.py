@@ -1,0 +1,97 @@
+"""What every provider adapter offers the gateway, and the shared upstream error mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from app.errors import UpstreamClientError, UpstreamError
+from app.http_client import read_body, retry_after_seconds
+
+ENDPOINTS = ("chat", "completions", "embeddings")
+
+
+@dataclass
+class Call:
+    """One request as the gateway hands it to an adapter: the client's body, already validated."""
+    endpoint: str  # chat, completions, embeddings
+    body: dict
+    raw: bytes | None = None  # the client's bytes, forwarded as they are where possible
+    stream: bool = False
+
+
+@dataclass
+class Reply:
+    """A whole answer in the OpenAI shape."""
+    body: bytes
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+
+
+class ProviderAdapter:
+    """Translates OpenAI-shaped calls to one provider's wire protocol and back.
+
+    ``send`` returns a whole Reply; ``stream`` returns an iterator of OpenAI SSE events
+    (``b"data: ...\\n\\n"``, the last one ``data: [DONE]``). Both raise UpstreamError for a
+    failure another provider may not have, and UpstreamClientError for the client's fault.
+    """
+
+    endpoints = ENDPOINTS
+
+    def __init__(self, settings, http=None):
+        self.settings = settings
+        self.name = settings.name
+        self.http = http
+
+    def send(self, call: Call, model: str, ctx) -> Reply:
+        """The whole answer; ``model`` is the provider's own name for the requested model."""
+        raise NotImplementedError
+
+    def stream(self, call: Call, model: str, ctx):
+        """An iterator of OpenAI SSE events; it fails before its first event if it fails early."""
+        raise NotImplementedError
+
+    def close(self):
+        if self.http is not None:
+            self.http.close()
+
+
+def upstream_failure(response, provider: str, translate_error=None):
+    """The error for a non-2xx upstream answer: retryable failure or the client's own 4xx."""
+    status = response.status_code
+    body = read_body(response, provider) if status != 429 else b""
+    if status == 429 or status >= 500 or status in (401, 403):
+        # 401/403 mean our provider key is bad: another provider may serve the client.
+        return UpstreamError(
+            f"provider {provider} answered HTTP {status}", provider=provider,
+            upstream_status=status, kind="status",
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+    message, error_body = _client_error(body, status, translate_error)
+    return UpstreamClientError(message, status=status, body=error_body, provider=provider)
+
+
+def _client_error(body: bytes, status: int, translate_error):
+    """The upstream's own error message, re-shaped as an OpenAI error when it is not one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if translate_error is not None and isinstance(data, dict):
+        data = translate_error(data)
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"], orjson.dumps({"error": {
+            "message": error["message"], "type": error.get("type") or "invalid_request_error",
+            "param": error.get("param"), "code": error.get("code")}})
+    message = f"the provider refused the request (HTTP {status})"
+    return message, None
+
+
+def parse_json(body: bytes, provider: str):
+    """Upstream JSON, or UpstreamError when the provider sent something else."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"provider {provider} sent an answer that is not JSON",
+                            provider=provider, kind="protocol") from None

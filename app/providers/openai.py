@@ -1,0 +1,76 @@
+"""Adapter for OpenAI and every OpenAI-compatible upstream (OpenRouter, Groq, vLLM, Ollama...)."""
+
+from __future__ import annotations
+
+import orjson
+
+from app.errors import UpstreamError
+from app.http_client import iter_raw, read_body
+from app.providers.base import ProviderAdapter, Reply, parse_json, upstream_failure
+from app.sse import DONE, event_field, iter_events
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+
+class OpenAIAdapter(ProviderAdapter):
+    """Forwards the client's body as is (only the model name may change) and relays the answer."""
+
+    def __init__(self, settings, http):
+        super().__init__(settings, http)
+        base = settings.base_url.rstrip("/")
+        self._urls = {endpoint: base + path for endpoint, path in PATHS.items()}
+        self._headers = {"Content-Type": "application/json", **self.auth_headers(),
+                         **settings.headers}
+
+    def auth_headers(self) -> dict:
+        key = self.settings.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def url(self, endpoint: str, model: str) -> str:
+        return self._urls[endpoint]
+
+    def payload(self, call, model: str) -> bytes:
+        """The client's bytes when nothing changes; re-serialised only for an alias."""
+        if call.raw is not None and call.body.get("model") == model:
+            return call.raw
+        return orjson.dumps({**call.body, "model": model})
+
+    def send(self, call, model, ctx) -> Reply:
+        response = self._post(call, model, ctx, stream=False)
+        body = read_body(response, self.name)
+        parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
+        return Reply(body)
+
+    def stream(self, call, model, ctx):
+        return self._relay(self._post(call, model, ctx, stream=True))
+
+    def _post(self, call, model, ctx, *, stream):
+        headers = {**self._headers, "X-Request-ID": ctx.request_id}
+        response = self.http.post(self.url(call.endpoint, model), self.payload(call, model),
+                                  headers, ctx, stream=stream)
+        if not 200 <= response.status_code < 300:
+            try:
+                raise upstream_failure(response, self.name)
+            finally:
+                response.close()
+        return response
+
+    def _relay(self, response):
+        """The upstream's SSE events re-emitted one by one until ``[DONE]``."""
+        finished = False
+        try:
+            for event in iter_events(iter_raw(response, self.name)):
+                data = event_field(event, b"data")
+                if data is None:
+                    continue  # comments and keep-alives
+                if data == b"[DONE]":
+                    yield DONE
+                    return
+                finished = finished or b'"finish_reason":"' in data or b'"finish_reason": "' in data
+                yield b"data: " + data + b"\n\n"
+            if not finished:
+                raise UpstreamError(f"provider {self.name}: the stream ended before it was complete",
+                                    provider=self.name, kind="truncated")
+            yield DONE  # some compatible servers end without [DONE] after the last choice
+        finally:
+            response.close()

@@ -1,0 +1,282 @@
+"""Every setting of the proxy: typed defaults, the production profile, the YAML file, env vars.
+
+Precedence, lowest first: the defaults below (the seed's numbers), the production profile when
+``ENVIRONMENT=production``, the YAML config file (``PROXY_CONFIG``, default ``./config.yaml``),
+then the environment variables in ``ENV_VARS``. A bad value raises ``SettingsError`` with one
+line naming the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+VERSION = "1.0.0"
+PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "mock")
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or of the wrong type or range."""
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 32
+    connection_limit: int = 1000
+    channel_timeout: int = 120
+    max_request_body_mb: float = 10.0
+
+    def validate(self, path):
+        _check(1 <= self.port <= 65535, f"{path}.port", "must be between 1 and 65535")
+        _check(self.threads >= 1, f"{path}.threads", "must be at least 1")
+        _check(self.connection_limit >= 1, f"{path}.connection_limit", "must be at least 1")
+        _check(self.max_request_body_mb > 0, f"{path}.max_request_body_mb", "must be positive")
+
+
+@dataclass
+class HttpClientSettings:
+    max_keepalive_connections: int = 200
+    max_connections: int = 2000
+    keepalive_expiry: float = 30.0
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    retry_attempts: int = 3
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    retry_after_max: float = 10.0
+    deadline: float = 120.0
+
+    def validate(self, path):
+        for name in ("keepalive_expiry", "timeout", "connect_timeout", "deadline"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        _check(self.retry_attempts >= 0, f"{path}.retry_attempts", "must be 0 or more")
+        _check(self.max_keepalive_connections >= 1, f"{path}.max_keepalive_connections",
+               "must be at least 1")
+
+
+@dataclass
+class ProviderSettings:
+    name: str
+    type: str
+    base_url: str = ""
+    api_key_env: str = ""
+    models: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    enabled: bool = True
+    priority: int = 100
+    timeout: float = 0.0  # 0: the http_client timeout
+    headers: dict[str, str] = field(default_factory=dict)
+    api_version: str = "2024-10-21"  # azure_openai only
+    max_tokens_default: int = 4096  # anthropic only: its API requires max_tokens
+    latency_ms: float = 0.0  # mock only: delay before the answer
+    chunk_delay_ms: float = 0.0  # mock only: delay between streamed chunks
+    chunks: int = 5  # mock only: chunks per streamed answer
+    embedding_dimensions: int = 16  # mock only
+
+    def validate(self, path):
+        _check(bool(self.name), f"{path}.name", "must not be empty")
+        _check(self.type in PROVIDER_TYPES, f"{path}.type",
+               f"must be one of {', '.join(PROVIDER_TYPES)}, got {self.type!r}")
+        if self.type != "mock":
+            _check(self.base_url.startswith(("http://", "https://")), f"{path}.base_url",
+                   "must be an http:// or https:// URL")
+        _check(bool(self.models or self.aliases), f"{path}.models", "must name at least one model")
+        _check(self.timeout >= 0, f"{path}.timeout", "must be 0 (default) or positive")
+        _check(self.chunks >= 1, f"{path}.chunks", "must be at least 1")
+
+    @property
+    def api_key(self) -> str:
+        """The provider key, read from the environment variable named in the config."""
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+
+@dataclass
+class Settings:
+    environment: str = "development"
+    version: str = VERSION
+    log_level: str = "INFO"
+    config_path: str = ""
+    server: ServerSettings = field(default_factory=ServerSettings)
+    http_client: HttpClientSettings = field(default_factory=HttpClientSettings)
+    providers: list[ProviderSettings] = field(default_factory=list)
+
+    def validate(self, path="settings"):
+        _check(self.environment in ("development", "production"), "environment",
+               f"must be development or production, got {self.environment!r}")
+        self.server.validate("server")
+        self.http_client.validate("http_client")
+        names = set()
+        for i, provider in enumerate(self.providers):
+            provider.validate(f"providers[{i}]")
+            _check(provider.name not in names, f"providers[{i}].name",
+                   f"duplicate provider name {provider.name!r}")
+            names.add(provider.name)
+        _check(any(p.enabled for p in self.providers), "providers", "no provider is enabled")
+
+
+PRODUCTION_PROFILE = {
+    "log_level": "WARNING",
+    "server": {"host": "0.0.0.0", "threads": 64, "connection_limit": 2000},
+    "http_client": {"max_connections": 5000},
+}
+
+# Environment variable -> (section or None, field). The seed's names are kept.
+ENV_VARS = {
+    "ENVIRONMENT": (None, "environment"),
+    "LOG_LEVEL": (None, "log_level"),
+    "HOST": ("server", "host"),
+    "PORT": ("server", "port"),
+    "THREADS": ("server", "threads"),
+    "CONNECTION_LIMIT": ("server", "connection_limit"),
+    "CHANNEL_TIMEOUT": ("server", "channel_timeout"),
+    "MAX_REQUEST_BODY_MB": ("server", "max_request_body_mb"),
+    "HTTP_MAX_CONNECTIONS": ("http_client", "max_connections"),
+    "HTTP_MAX_KEEPALIVE_CONNECTIONS": ("http_client", "max_keepalive_connections"),
+    "HTTP_KEEPALIVE_EXPIRY": ("http_client", "keepalive_expiry"),
+    "HTTP_TIMEOUT": ("http_client", "timeout"),
+    "HTTP_CONNECT_TIMEOUT": ("http_client", "connect_timeout"),
+    "HTTP_RETRY_ATTEMPTS": ("http_client", "retry_attempts"),
+    "HTTP_DEADLINE": ("http_client", "deadline"),
+}
+
+MOCK_PROVIDER = {
+    "name": "mock", "type": "mock", "priority": 1,
+    "models": ["mock-model", "gpt-4o-mini", "text-embedding-3-small"],
+}
+OPENAI_PROVIDER = {
+    "name": "openai", "type": "openai", "base_url": "https://api.openai.com/v1",
+    "api_key_env": "OPENAI_API_KEY", "priority": 1,
+    "models": ["gpt-*", "chatgpt-*", "o1*", "o3*", "o4*", "text-embedding-*"],
+}
+ANTHROPIC_PROVIDER = {
+    "name": "anthropic", "type": "anthropic", "base_url": "https://api.anthropic.com",
+    "api_key_env": "ANTHROPIC_API_KEY", "priority": 1, "models": ["claude-*"],
+}
+
+
+def load_settings(environ=None, config_path=None) -> Settings:
+    """Build and validate the settings from the environment and the YAML file."""
+    environ = os.environ if environ is None else environ
+    data: dict = {}
+    if environ.get("ENVIRONMENT", "development") == "production":
+        _merge(data, PRODUCTION_PROFILE)
+    path = config_path or environ.get("PROXY_CONFIG") or "config.yaml"
+    if os.path.exists(path):
+        _merge(data, _read_yaml(path))
+        data["config_path"] = path
+    elif config_path or environ.get("PROXY_CONFIG"):
+        raise SettingsError(f"config file {path}: not found")
+    for var, (section, name) in ENV_VARS.items():
+        if var in environ:
+            target = data.setdefault(section, {}) if section else data
+            target[name] = environ[var]
+    if "providers" not in data:
+        data["providers"] = default_providers(environ)
+    return build_settings(data)
+
+
+def build_settings(data: dict) -> Settings:
+    """Settings from a plain dict (the YAML shape); used by tests too."""
+    settings = _convert(Settings, data, "")
+    settings.validate()
+    return settings
+
+
+def default_providers(environ) -> list[dict]:
+    """With no config file: the real providers whose keys are set, else the mock."""
+    found = [dict(p) for p in (OPENAI_PROVIDER, ANTHROPIC_PROVIDER) if environ.get(p["api_key_env"])]
+    return found or [dict(MOCK_PROVIDER)]
+
+
+def _read_yaml(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SettingsError(f"config file {path}{where}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: must be a mapping of settings")
+    return data
+
+
+def _merge(into: dict, other: dict):
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _check(ok, path, message):
+    if not ok:
+        raise SettingsError(f"{path}: {message}")
+
+
+def _convert(tp, value, path):
+    """Coerce a YAML/env value to the annotated type, naming the field on failure."""
+    label = path or "settings"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SettingsError(f"{label}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SettingsError(f"{_join(path, unknown[0])}: unknown setting")
+        missing = [f.name for f in dataclasses.fields(tp)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in value]
+        if missing:
+            raise SettingsError(f"{_join(path, missing[0])}: required")
+        return tp(**{k: _convert(hints[k], v, _join(path, k)) for k, v in value.items()})
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SettingsError(f"{label}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{label}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{label}: expected a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{label}.{k}") for k, v in value.items()}
+    return _scalar(tp, value, label)
+
+
+def _scalar(tp, value, label):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{label}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise SettingsError(f"{label}: expected a number, got {value!r}")
+        kind = "an integer" if tp is int else "a number"
+        if tp is int and isinstance(value, float):
+            raise SettingsError(f"{label}: expected {kind}, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{label}: expected {kind}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise SettingsError(f"{label}: expected text, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def _join(path, name):
+    return f"{path}.{name}" if path else name

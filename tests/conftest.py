@@ -1,0 +1,70 @@
+"""Fixtures: apps built from settings dicts, fake upstreams, and a live waitress on port 0."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+from waitress.server import create_server
+
+from app import create_app
+from settings import build_settings
+from tests.upstream import FakeUpstream
+
+
+def provider(url, name="up", *, models=("gpt-test",), **fields):
+    """An openai-type provider entry pointing at a fake upstream."""
+    return {"name": name, "type": "openai", "base_url": url + "/v1", "models": list(models),
+            **fields}
+
+
+@pytest.fixture
+def upstream():
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def upstream_b():
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def make_app():
+    """Build an app from provider entries and setting sections; closed after the test."""
+    apps = []
+
+    def make(providers, clock=None, **sections):
+        data = {"providers": providers, **sections}
+        http = data.setdefault("http_client", {})
+        http.setdefault("backoff_base", 0.0)  # retries without waiting, unless a test asks
+        http.setdefault("timeout", 5.0)
+        http.setdefault("connect_timeout", 2.0)
+        options = {"clock": clock} if clock else {}
+        app = create_app(build_settings(data), **options)
+        app.testing = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["llm_proxy"].close()
+
+
+@contextlib.contextmanager
+def live_server(app, threads=8):
+    """Serve ``app`` with waitress on a free loopback port; yields the base URL."""
+    server = create_server(app, host="127.0.0.1", port=0, threads=threads,
+                           channel_request_lookahead=1, asyncore_loop_timeout=0.05)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        # The loop runs while any socket is open: close the clients' keep-alive channels too.
+        for channel in list(server._map.values()):
+            channel.close()
+        server.task_dispatcher.shutdown(timeout=1)
+        thread.join(timeout=5)

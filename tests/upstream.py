@@ -1,0 +1,231 @@
+"""A fake provider for tests: a real threaded HTTP server on loopback, port 0.
+
+It speaks the OpenAI protocol (JSON and SSE) by default and can be scripted, request by
+request, to fail the ways a network fails: a status, a reset before any byte or mid-body, a
+hang, malformed JSON, a stream cut after some chunks, a slow stream. Every request it receives
+is recorded, so tests assert how many calls reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    """Answer with this status and JSON body (or raw bytes)."""
+    status: int = 200
+    body: object = None
+    headers: dict = field(default_factory=dict)
+    raw: bytes | None = None
+
+
+@dataclass
+class Stream:
+    """Answer with these SSE data payloads (dicts or b"[DONE]"), chunked, one write each."""
+    events: list
+    delay: float = 0.0  # seconds between events
+    cut_after: int | None = None  # reset the connection after this many events
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reset:
+    """Close the connection with a TCP reset; after ``partial`` bytes of a body if given."""
+    partial: bytes = b""
+
+
+@dataclass
+class Hang:
+    """Read the request, then send nothing for ``seconds`` (or until the server stops)."""
+    seconds: float = 5.0
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class FakeUpstream:
+    """Context manager running the fake provider; ``url`` is its base URL."""
+
+    def __init__(self, default=None):
+        self.requests: list[Recorded] = []
+        self.default = default or openai_answer
+        self._script: list = []
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server.daemon_threads = True
+        self.server.fake = self
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def script(self, *behaviours):
+        """The next requests get these behaviours, in order; later ones get the default."""
+        with self._lock:
+            self._script.extend(behaviours)
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def _next(self, recorded):
+        with self._lock:
+            self.requests.append(recorded)
+            if self._script:
+                return self._script.pop(0)
+        return self.default(recorded)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._serve()
+
+    def do_POST(self):
+        self._serve()
+
+    def _serve(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        fake = self.server.fake
+        recorded = Recorded(self.command, self.path, dict(self.headers.items()), body)
+        behaviour = fake._next(recorded)
+        if callable(behaviour):
+            behaviour = behaviour(recorded)
+        if isinstance(behaviour, Reply):
+            self._reply(behaviour)
+        elif isinstance(behaviour, Stream):
+            self._stream(behaviour)
+        elif isinstance(behaviour, Reset):
+            if behaviour.partial:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(behaviour.partial) + 100))
+                self.end_headers()
+                self.wfile.write(behaviour.partial)
+                self.wfile.flush()
+            self._reset()
+        elif isinstance(behaviour, Hang):
+            fake.stopping.wait(behaviour.seconds)
+            self.close_connection = True
+
+    def _reply(self, reply: Reply):
+        data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, stream: Stream):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in stream.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        for i, event in enumerate(stream.events):
+            if stream.cut_after is not None and i >= stream.cut_after:
+                self._reset()
+                return
+            if i and stream.delay:
+                if self.server.fake.stopping.wait(stream.delay):
+                    return
+            if isinstance(event, bytes) and not event.startswith(b"event:"):
+                data = b"data: " + event + b"\n\n"
+            elif isinstance(event, bytes):
+                data = event + b"\n\n"  # a whole event with its own field lines
+            else:
+                data = b"data: " + json.dumps(event).encode() + b"\n\n"
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            except OSError:
+                return  # the proxy went away
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _reset(self):
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+
+def openai_answer(recorded: Recorded):
+    """The default behaviour: a correct OpenAI answer to whatever was asked."""
+    body = recorded.json() if recorded.body else {}
+    model = body.get("model", "unknown")
+    if recorded.path.endswith("/embeddings"):
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        return Reply(body={"object": "list", "model": model, "data": [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i in range(len(inputs))], "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+    if recorded.path.endswith("/chat/completions"):
+        if body.get("stream"):
+            return Stream(chat_chunks(model, ["Hello", " from", " upstream"]))
+        return Reply(body=chat_completion(model, "Hello from upstream"))
+    if recorded.path.endswith("/completions"):
+        if body.get("stream"):
+            return Stream([{"id": "cmpl-1", "object": "text_completion", "created": 1,
+                            "model": model, "choices": [{"index": 0, "text": t, "logprobs": None,
+                                                         "finish_reason": f}]}
+                           for t, f in (("Hello", None), (" there", "stop"))] + [b"[DONE]"])
+        return Reply(body={"id": "cmpl-1", "object": "text_completion", "created": 1,
+                           "model": model, "choices": [{"index": 0, "text": "Hello there",
+                                                        "logprobs": None, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}})
+    return Reply(status=404, body={"error": {"message": f"no route {recorded.path}",
+                                             "type": "invalid_request_error"}})
+
+
+def chat_completion(model, text):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                 "content": text},
+                                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+
+def chat_chunks(model, pieces, done=True):
+    """OpenAI chat.completion.chunk payloads for these text pieces, then [DONE]."""
+    chunks = []
+    for i, piece in enumerate(pieces):
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        chunks.append({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                       "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None}]})
+    chunks.append({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                   "model": model, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                "finish_reason": "stop"}]})
+    return chunks + ([b"[DONE]"] if done else [])
