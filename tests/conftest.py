@@ -63,8 +63,11 @@ def live_server(app, threads=8):
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        # The loop runs while any socket is open: close the clients' keep-alive channels too.
-        for channel in list(server._map.values()):
-            channel.close()
+        # The loop runs while any socket is open: close them all, clients' keep-alive channels
+        # included, from inside the loop's own thread.
+        def close_all():
+            for channel in list(server._map.values()):
+                channel.close()
+        server.trigger.pull_trigger(close_all)
         server.task_dispatcher.shutdown(timeout=1)
         thread.join(timeout=5)

@@ -24,6 +24,7 @@ class Reply:
     body: object = None
     headers: dict = field(default_factory=dict)
     raw: bytes | None = None
+    delay: float = 0.0  # seconds before the answer
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Stream:
     delay: float = 0.0  # seconds between events
     cut_after: int | None = None  # reset the connection after this many events
     headers: dict = field(default_factory=dict)
+    gate: threading.Event | None = None  # after the first event, wait for this before the rest
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Recorded:
     path: str
     headers: dict
     body: bytes
+    client_port: int = 0  # the same port for two requests: one kept-alive connection
 
     def json(self):
         return json.loads(self.body)
@@ -63,11 +66,12 @@ class FakeUpstream:
 
     def __init__(self, default=None):
         self.requests: list[Recorded] = []
+        self.aborted = threading.Event()  # set when a client (the proxy) left mid-stream
         self.default = default or openai_answer
         self._script: list = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self
         self.port = self.server.server_address[1]
@@ -101,6 +105,11 @@ class FakeUpstream:
         return self.default(recorded)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # clients (the proxy) closing or resetting connections is what tests do
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -117,7 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fake = self.server.fake
-        recorded = Recorded(self.command, self.path, dict(self.headers.items()), body)
+        recorded = Recorded(self.command, self.path, dict(self.headers.items()), body,
+                            self.client_address[1])
         behaviour = fake._next(recorded)
         if callable(behaviour):
             behaviour = behaviour(recorded)
@@ -139,6 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _reply(self, reply: Reply):
+        if reply.delay and self.server.fake.stopping.wait(reply.delay):
+            return
         data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
@@ -159,6 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             if stream.cut_after is not None and i >= stream.cut_after:
                 self._reset()
                 return
+            if i == 1 and stream.gate is not None:
+                stream.gate.wait(5)
             if i and stream.delay:
                 if self.server.fake.stopping.wait(stream.delay):
                     return
@@ -172,7 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
             except OSError:
-                return  # the proxy went away
+                self.server.fake.aborted.set()  # the proxy went away
+                return
         self.wfile.write(b"0\r\n\r\n")
 
     def _reset(self):
@@ -185,17 +200,18 @@ def openai_answer(recorded: Recorded):
     """The default behaviour: a correct OpenAI answer to whatever was asked."""
     body = recorded.json() if recorded.body else {}
     model = body.get("model", "unknown")
-    if recorded.path.endswith("/embeddings"):
+    path = recorded.path.split("?")[0]
+    if path.endswith("/embeddings"):
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
         return Reply(body={"object": "list", "model": model, "data": [
             {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
             for i in range(len(inputs))], "usage": {"prompt_tokens": 3, "total_tokens": 3}})
-    if recorded.path.endswith("/chat/completions"):
+    if path.endswith("/chat/completions"):
         if body.get("stream"):
             return Stream(chat_chunks(model, ["Hello", " from", " upstream"]))
         return Reply(body=chat_completion(model, "Hello from upstream"))
-    if recorded.path.endswith("/completions"):
+    if path.endswith("/completions"):
         if body.get("stream"):
             return Stream([{"id": "cmpl-1", "object": "text_completion", "created": 1,
                             "model": model, "choices": [{"index": 0, "text": t, "logprobs": None,

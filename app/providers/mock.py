@@ -23,6 +23,7 @@ class MockAdapter(ProviderAdapter):
         self._sleep, self._clock = sleep, clock
 
     def send(self, call, model, ctx) -> Reply:
+        ctx.attempts += 1
         self._wait(self.settings.latency_ms)
         if call.endpoint == "embeddings":
             return Reply(orjson.dumps(self._embeddings(call, model)))
@@ -44,6 +45,7 @@ class MockAdapter(ProviderAdapter):
         return Reply(orjson.dumps(body))
 
     def stream(self, call, model, ctx):
+        ctx.attempts += 1
         return self._stream(call, model)
 
     def _stream(self, call, model):

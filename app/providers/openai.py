@@ -57,15 +57,18 @@ class OpenAIAdapter(ProviderAdapter):
 
     def _relay(self, response):
         """The upstream's SSE events re-emitted one by one until ``[DONE]``."""
-        finished = False
+        finished = started = False
         try:
             for event in iter_events(iter_raw(response, self.name)):
                 data = event_field(event, b"data")
                 if data is None:
                     continue  # comments and keep-alives
                 if data == b"[DONE]":
+                    if not started:
+                        break  # nothing but [DONE]: a broken answer, not an empty one
                     yield DONE
                     return
+                started = True
                 finished = finished or b'"finish_reason":"' in data or b'"finish_reason": "' in data
                 yield b"data: " + data + b"\n\n"
             if not finished:
