@@ -70,6 +70,8 @@ class HttpClient:
     def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> requests.Response:
         """POST with retries; return the final response (any status) or raise UpstreamError."""
         self._expire_idle_connections()
+        if stream:  # relay bytes as they come: no compression to undo
+            headers = {**headers, "Accept-Encoding": "identity"}
         for attempt in range(self.settings.retry_attempts + 1):
             remaining = ctx.deadline - self._clock()
             if remaining <= 0:
@@ -77,8 +79,6 @@ class HttpClient:
                                       provider=self.provider, kind="timeout")
             ctx.attempts += 1
             started = self._clock()
-            if stream:  # relay bytes as they come: no compression to undo
-                headers = {**headers, "Accept-Encoding": "identity"}
             try:
                 response = self.session.post(
                     url, data=body, headers=headers, stream=stream,
@@ -100,7 +100,7 @@ class HttpClient:
                     self._sleep(delay)
                     continue
             return response
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def close(self):
         self.session.close()
