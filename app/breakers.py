@@ -1,0 +1,359 @@
+"""Per-provider circuit breakers: when to stop sending calls to a failing provider, and when to
+try it again.
+
+How pybreaker is used. Each ``ProviderBreaker`` owns a ``pybreaker.CircuitBreaker``, which holds
+the state machine's state and counters in its storage (``CircuitMemoryStorage`` by default; a
+``CircuitRedisStorage`` can be passed as ``storage=`` to share state between processes). Calls
+are never routed through it:
+
+- ``breaker.call()`` and the decorator hold the breaker's lock for the whole call, so concurrent
+  requests to one provider would run one at a time.
+- ``with breaker.calling():`` does release the lock before the block runs, but it still does not
+  fit: it lets every caller through in half-open (we bound the trials), times recovery with
+  ``datetime.now(UTC)`` (we follow the injected clock), judges the outcome by whether the block
+  raised (the gateway judges a response by its status, and a streamed body outlives any block),
+  and signals "open" by raising ``CircuitBreakerError``.
+
+So the gateway asks ``allow()`` before a call and reports ``record_success()``,
+``record_failure()`` or ``release()`` after it, and this module drives pybreaker's public
+transitions (``open()``, ``half_open()``, ``close()``) and storage counters itself, under its own
+lock held only for that bookkeeping. Recovery is timed with ``opened_at`` kept in clock units.
+The adaptive window, the half-open trial slots and the cool-down are per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import pybreaker
+
+log = logging.getLogger("llm_proxy.breakers")
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+_FROM_PYBREAKER = {
+    pybreaker.STATE_CLOSED: CLOSED,
+    pybreaker.STATE_OPEN: OPEN,
+    pybreaker.STATE_HALF_OPEN: HALF_OPEN,
+}
+
+
+class ProviderBreaker:
+    """The circuit breaker of one provider.
+
+    States. CLOSED: calls are allowed. It trips to OPEN when the consecutive failures reach the
+    current threshold (or, when adaptive, on the failure rate below). OPEN: ``allow()`` is false
+    and no connection is attempted, until ``recovery_timeout`` seconds have passed; the first
+    ``allow()`` after that moves it to HALF_OPEN. HALF_OPEN: at most ``success_threshold`` trial
+    calls are in flight at once (others are refused); ``success_threshold`` successes close it,
+    and any failure opens it again for a new recovery period.
+
+    Adaptive thresholds (``adaptive=True``). The breaker remembers the outcomes of the last
+    ``window`` calls. The provider counts as healthy when, leaving out the current run of
+    consecutive failures, at least ``min_calls`` outcomes remain and at least 99% of them are
+    successes. A healthy provider trips after ``max(min_threshold, failure_threshold // 2)``
+    consecutive failures (never more than ``failure_threshold``), so a sudden outage of a
+    provider that was fine is noticed fast; otherwise the threshold is ``failure_threshold``.
+    Independently, it trips when the window holds at least ``min_calls`` outcomes and at least
+    ``failure_rate`` of them are failures, even if successes are interleaved. The window starts
+    empty again when the breaker closes after a recovery (and on ``reset()``), so the outage that
+    opened it does not count against the provider afterwards. With ``adaptive=False`` only the
+    consecutive failures count, against ``failure_threshold``.
+
+    Cool-down. ``cool_down(seconds)`` (a 429 with Retry-After) makes ``allow()`` false until
+    then, without changing the state.
+
+    Every call that ``allow()`` let through must end with exactly one of ``record_success()``,
+    ``record_failure()`` or ``release()`` (the call said nothing about the provider, e.g. the
+    client went away); in HALF_OPEN that frees its trial slot. A trial that has not reported
+    after ``recovery_timeout`` seconds is presumed lost and its slot is freed.
+
+    Listeners are objects with an optional ``state_change(breaker_name, old, new)`` method,
+    where the states are "closed", "open" or "half_open". They are called after the breaker's
+    lock is released; an exception in one is logged and ignored.
+    """
+
+    HEALTHY_SUCCESS_RATE = 0.99
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 60.0,
+        success_threshold: int = 3,
+        adaptive: bool = True,
+        window: int = 100,
+        min_threshold: int = 2,
+        failure_rate: float = 0.5,
+        min_calls: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        listeners: Iterable[object] = (),
+        storage: pybreaker.CircuitBreakerStorage | None = None,
+    ):
+        _check(failure_threshold >= 1, "failure_threshold must be at least 1")
+        _check(recovery_timeout > 0, "recovery_timeout must be positive")
+        _check(success_threshold >= 1, "success_threshold must be at least 1")
+        _check(window >= 1, "window must be at least 1")
+        _check(min_threshold >= 1, "min_threshold must be at least 1")
+        _check(0 < failure_rate <= 1, "failure_rate must be in (0, 1]")
+        _check(min_calls >= 1, "min_calls must be at least 1")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.recovery_timeout = recovery_timeout
+        self.success_threshold = success_threshold
+        self.adaptive = adaptive
+        self.min_calls = min_calls
+        self.failure_rate = failure_rate
+        self.tight_threshold = min(failure_threshold, max(min_threshold, failure_threshold // 2))
+        self._clock = clock
+        self._listeners = list(listeners)
+        self._storage = storage or pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=failure_threshold, reset_timeout=recovery_timeout,
+            success_threshold=success_threshold, state_storage=self._storage, name=name)
+        self._lock = threading.Lock()
+        self._window: deque[bool] = deque(maxlen=window)   # True = success
+        self._window_failures = 0
+        self._opened_at: float | None = None                # clock time of the last trip
+        self._cool_until: float | None = None
+        self._trials: deque[float] = deque()                # admission times, half-open only
+
+    # -- the gateway's calls ---------------------------------------------------------------
+
+    def allow(self) -> bool:
+        """Whether a call may be sent to the provider now; moves OPEN to HALF_OPEN when due."""
+        events = []
+        with self._lock:
+            now = self._clock()
+            if self._cool_until is not None and now < self._cool_until:
+                return False
+            state = self._state(now)
+            if state == OPEN:
+                if now < self._opened_at + self.recovery_timeout:
+                    return False
+                self._cb.half_open()
+                self._trials.clear()
+                events.append((OPEN, HALF_OPEN))
+                state = HALF_OPEN
+            allowed = True
+            if state == HALF_OPEN:
+                while self._trials and now - self._trials[0] >= self.recovery_timeout:
+                    self._trials.popleft()
+                allowed = len(self._trials) < self.success_threshold
+                if allowed:
+                    self._trials.append(now)
+        self._notify(events)
+        return allowed
+
+    def record_success(self) -> None:
+        """The call succeeded: resets the consecutive failures; in HALF_OPEN, may close."""
+        events = []
+        with self._lock:
+            now = self._clock()
+            self._remember(True)
+            if self._storage.counter:
+                self._storage.reset_counter()
+            if self._state(now) == HALF_OPEN:
+                if self._trials:
+                    self._trials.popleft()
+                self._storage.increment_success_counter()
+                if self._storage.success_counter >= self.success_threshold:
+                    self._cb.close()
+                    self._forget()
+                    events.append((HALF_OPEN, CLOSED))
+        self._notify(events)
+
+    def record_failure(self) -> None:
+        """The call failed (the caller decides what counts): may open the circuit."""
+        events = []
+        with self._lock:
+            now = self._clock()
+            self._remember(False)
+            self._storage.increment_counter()
+            state = self._state(now)
+            if state == HALF_OPEN or (state == CLOSED and self._should_trip()):
+                self._cb.open()
+                self._opened_at = now
+                self._trials.clear()
+                events.append((state, OPEN))
+        self._notify(events)
+
+    def release(self) -> None:
+        """The call ended without saying anything about the provider: frees a trial slot."""
+        with self._lock:
+            if self._state(self._clock()) == HALF_OPEN and self._trials:
+                self._trials.popleft()
+
+    def cool_down(self, seconds: float) -> None:
+        """Skip the provider for ``seconds`` (e.g. Retry-After on a 429); the state is unchanged."""
+        if seconds <= 0:
+            return
+        with self._lock:
+            until = self._clock() + seconds
+            if self._cool_until is None or until > self._cool_until:
+                self._cool_until = until
+
+    def retry_at(self) -> float:
+        """Clock time when the provider can next be tried (now if it can be tried now)."""
+        with self._lock:
+            now = self._clock()
+            return self._retry_at(now, self._state(now))
+
+    def reset(self) -> None:
+        """Close the circuit and clear every counter, the window and any cool-down."""
+        events = []
+        with self._lock:
+            old = self._state(self._clock())
+            self._cb.close()
+            self._storage.reset_counter()
+            self._forget()
+            self._cool_until = None
+            if old != CLOSED:
+                events.append((old, CLOSED))
+        self._notify(events)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """"closed", "open" or "half_open" (OPEN reads open until ``allow()`` moves it)."""
+        with self._lock:
+            return self._state(self._clock())
+
+    def snapshot(self) -> dict:
+        """The breaker's state and counters, for /debug and /health."""
+        with self._lock:
+            now = self._clock()
+            state = self._state(now)
+            failures = self._storage.counter
+            calls = len(self._window)
+            return {
+                "state": state,
+                "failures": failures,
+                "threshold": self._threshold(failures),
+                "success_rate": (calls - self._window_failures) / calls if calls else 1.0,
+                "calls_in_window": calls,
+                "retry_in": max(0.0, self._retry_at(now, state) - now),
+            }
+
+    def add_listener(self, listener: object) -> None:
+        """Register an object with an optional ``state_change(name, old, new)`` method."""
+        with self._lock:
+            self._listeners = [*self._listeners, listener]
+
+    def __repr__(self):
+        return f"<ProviderBreaker {self.name!r} {self.state}>"
+
+    # -- bookkeeping, always under self._lock ----------------------------------------------
+
+    def _state(self, now: float) -> str:
+        state = _FROM_PYBREAKER[self._storage.state]
+        if state == OPEN and self._opened_at is None:
+            # Opened by another process through shared storage: recover from when we noticed.
+            self._opened_at = now
+        return state
+
+    def _remember(self, ok: bool) -> None:
+        if len(self._window) == self._window.maxlen and not self._window[0]:
+            self._window_failures -= 1
+        self._window.append(ok)
+        if not ok:
+            self._window_failures += 1
+
+    def _forget(self) -> None:
+        self._window.clear()
+        self._window_failures = 0
+        self._trials.clear()
+        self._opened_at = None
+
+    def _threshold(self, consecutive: int) -> int:
+        if not self.adaptive:
+            return self.failure_threshold
+        # Health is judged on what came before the current failure run, or the run itself
+        # would make the provider look unhealthy and loosen the threshold it should meet.
+        before = len(self._window) - min(consecutive, len(self._window))
+        successes = len(self._window) - self._window_failures
+        if before >= self.min_calls and successes >= self.HEALTHY_SUCCESS_RATE * before:
+            return self.tight_threshold
+        return self.failure_threshold
+
+    def _should_trip(self) -> bool:
+        consecutive = self._storage.counter
+        if consecutive >= self._threshold(consecutive):
+            return True
+        calls = len(self._window)
+        return (self.adaptive and calls >= self.min_calls
+                and self._window_failures >= self.failure_rate * calls)
+
+    def _retry_at(self, now: float, state: str) -> float:
+        at = now
+        if state == OPEN:
+            at = max(at, self._opened_at + self.recovery_timeout)
+        if self._cool_until is not None:
+            at = max(at, self._cool_until)
+        return at
+
+    def _notify(self, events: list[tuple[str, str]]) -> None:
+        for old, new in events:
+            log.warning("circuit breaker %s: %s -> %s", self.name, old, new)
+            for listener in self._listeners:
+                hook = getattr(listener, "state_change", None)
+                if hook is None:
+                    continue
+                try:
+                    hook(self.name, old, new)
+                except Exception:
+                    log.exception("circuit breaker listener %r failed", listener)
+
+
+class BreakerBoard:
+    """One ``ProviderBreaker`` per provider name, built with the same settings.
+
+    ``storage_factory(name)``, when given, makes each breaker's pybreaker storage (e.g. a
+    ``CircuitRedisStorage`` with one namespace per provider). Iterating yields the breakers.
+    """
+
+    def __init__(self, names: Iterable[str], *,
+                 storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None,
+                 **settings):
+        self._breakers: dict[str, ProviderBreaker] = {}
+        for name in names:
+            if name in self._breakers:
+                raise ValueError(f"duplicate provider name {name!r}")
+            storage = storage_factory(name) if storage_factory else None
+            self._breakers[name] = ProviderBreaker(name, storage=storage, **settings)
+
+    def get(self, name: str) -> ProviderBreaker:
+        """The breaker of provider ``name``; KeyError if there is none."""
+        return self._breakers[name]
+
+    def reset(self, name: str | None = None) -> None:
+        """Reset every breaker, or only ``name`` (KeyError if unknown)."""
+        targets = self._breakers.values() if name is None else [self._breakers[name]]
+        for breaker in targets:
+            breaker.reset()
+
+    def snapshot(self) -> dict[str, dict]:
+        """{provider name: that breaker's snapshot()}."""
+        return {name: breaker.snapshot() for name, breaker in self._breakers.items()}
+
+    def __iter__(self) -> Iterator[ProviderBreaker]:
+        return iter(list(self._breakers.values()))
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._breakers
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
