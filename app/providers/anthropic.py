@@ -1,16 +1,308 @@
-"""Adapter for Anthropic's Messages API, translated to and from the OpenAI shape."""
+"""Adapter for Anthropic's Messages API, translated to and from the OpenAI shape.
+
+Requests become a ``POST /v1/messages`` body built per call; answers come back as
+``chat.completion`` (or ``text_completion`` for the legacy endpoint). Streams are translated
+event by event in ``anthropic_stream``.
+"""
 
 from __future__ import annotations
 
-from app.errors import InvalidRequest
-from app.providers.base import ProviderAdapter
+import time
+
+import orjson
+
+from app.errors import InvalidRequest, UpstreamError
+from app.http_client import read_body
+from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
+from app.providers.base import ProviderAdapter, Reply, parse_json, upstream_failure
+
+API_VERSION = "2023-06-01"
+
+TOOL_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
 
 
 class AnthropicAdapter(ProviderAdapter):
-    endpoints = ("chat",)
+    """Speaks the Messages API for chat and legacy completion calls."""
 
-    def send(self, call, model, ctx):
-        raise InvalidRequest("anthropic adapter: not yet built")
+    endpoints = ("chat", "completions")
+
+    def __init__(self, settings, http, *, clock=time.time):
+        super().__init__(settings, http)
+        self._clock = clock  # wall clock for ``created``: Anthropic's answers carry no time
+        base = settings.base_url.rstrip("/")
+        self._url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        key = settings.api_key
+        self._headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
+                         **({"x-api-key": key} if key else {}), **settings.headers}
+
+    def send(self, call, model, ctx) -> Reply:
+        payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
+        response = self._post(payload, ctx, stream=False)
+        message = parse_json(read_body(response, self.name), self.name)
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
+            raise UpstreamError(f"provider {self.name} sent an answer that is not a message",
+                                provider=self.name, kind="protocol")
+        created = int(self._clock())
+        if call.endpoint == "completions":
+            return Reply(orjson.dumps(text_completion(message, created)))
+        return Reply(orjson.dumps(chat_completion(message, created)))
 
     def stream(self, call, model, ctx):
-        raise InvalidRequest("anthropic adapter: not yet built")
+        # The POST happens here, not in the generator: a refused request raises before the
+        # first event, so the gateway can still fall back to another provider.
+        payload = messages_request(call, model, self.settings.max_tokens_default, stream=True)
+        response = self._post(payload, ctx, stream=True)
+        options = call.body.get("stream_options") or {}
+        translator = StreamTranslator(call.endpoint, int(self._clock()), self.name,
+                                      include_usage=options.get("include_usage") is True)
+        return relay(response, translator, self.name)
+
+    def _post(self, payload: bytes, ctx, *, stream):
+        headers = {**self._headers, "X-Request-ID": ctx.request_id}
+        response = self.http.post(self._url, payload, headers, ctx, stream=stream)
+        if not 200 <= response.status_code < 300:
+            try:
+                raise upstream_failure(response, self.name, translate_error=openai_error)
+            finally:
+                response.close()
+        return response
+
+
+# --- OpenAI request -> Anthropic request ---------------------------------------------------
+
+def messages_request(call, model: str, max_tokens_default: int, *, stream: bool) -> bytes:
+    """The Messages API body for an OpenAI chat or completion call, as JSON bytes.
+
+    Only parameters Anthropic knows are set: OpenAI-only ones (penalties, seed, logit_bias,
+    logprobs, response_format...) are dropped rather than refused.
+    """
+    body = call.body
+    if call.endpoint == "completions":
+        system, messages = None, [{"role": "user", "content": _prompt(body.get("prompt"))}]
+    else:
+        system, messages = _conversation(body["messages"])
+    if (body.get("n") or 1) != 1:
+        raise InvalidRequest("This model answers one choice per request: 'n' must be 1.",
+                             param="n", code="unsupported_value")
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or max_tokens_default
+    request = {"model": model, "max_tokens": max_tokens, "messages": messages}
+    if system:
+        request["system"] = system
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    request.update(_sampling(body))
+    if isinstance(body.get("user"), str) and body["user"]:
+        request["metadata"] = {"user_id": body["user"]}
+    if call.endpoint == "chat":
+        request.update(_tools(body))
+    if stream:
+        request["stream"] = True
+    return orjson.dumps(request)
+
+
+def _sampling(body: dict) -> dict:
+    """temperature, top_p, top_k as the 2023-06-01 API takes them."""
+    sampling = {}
+    if body.get("temperature") is not None:
+        # OpenAI allows 0..2, Anthropic 0..1: clamp rather than have the provider refuse.
+        sampling["temperature"] = min(max(body["temperature"], 0), 1)
+    elif body.get("top_p") is not None:
+        sampling["top_p"] = body["top_p"]  # recent models refuse top_p beside temperature
+    if body.get("top_k") is not None:  # no OpenAI field, but clients send it as an extra
+        sampling["top_k"] = body["top_k"]
+    return sampling
+
+
+def _prompt(prompt) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("This model takes one text prompt: 'prompt' must be a string.",
+                             param="prompt", code="unsupported_value")
+    return prompt
+
+
+def _conversation(messages: list) -> tuple[str | None, list]:
+    """(system text, Anthropic turns): system messages hoisted, same-role turns merged."""
+    system, turns = [], []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message.get("content")
+        if role in ("system", "developer"):
+            system.append(_plain_text(content, f"messages[{i}].content"))
+            continue
+        if role == "user":
+            blocks = _content_blocks(content, f"messages[{i}].content")
+        elif role == "assistant":
+            blocks = _content_blocks(content, f"messages[{i}].content")
+            blocks += [_tool_use(c, f"messages[{i}].tool_calls[{j}]")
+                       for j, c in enumerate(message.get("tool_calls") or [])]
+        elif role == "tool":
+            role, blocks = "user", [_tool_result(message, i)]
+        else:
+            raise InvalidRequest(f"Unsupported role {role!r} in 'messages[{i}]'.",
+                                 param=f"messages[{i}].role", code="invalid_value")
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)  # Anthropic wants the roles to alternate
+        else:
+            turns.append({"role": role, "content": blocks})
+    turns = [_compact(turn) for turn in turns if turn["content"]]
+    return "\n\n".join(s for s in system if s) or None, turns
+
+
+def _compact(turn: dict) -> dict:
+    """Tool results first (Anthropic requires it); a lone text block as a plain string."""
+    blocks = turn["content"]
+    if turn["role"] == "user":
+        blocks.sort(key=lambda b: b["type"] != "tool_result")  # stable: order kept otherwise
+    if len(blocks) == 1 and blocks[0]["type"] == "text":
+        return {"role": turn["role"], "content": blocks[0]["text"]}
+    return turn
+
+
+def _plain_text(content, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    blocks = _content_blocks(content, param)
+    if any(block["type"] != "text" for block in blocks):
+        raise InvalidRequest(f"'{param}' may hold text only.", param=param, code="invalid_value")
+    return "\n".join(block["text"] for block in blocks)
+
+
+def _content_blocks(content, param: str) -> list:
+    """OpenAI content (a string or parts) as Anthropic blocks; empty text is left out."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequest(f"Invalid type for '{param}': expected a string or an array.",
+                             param=param, code="invalid_type")
+    blocks = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
+            if part[kind]:
+                blocks.append({"type": "text", "text": part[kind]})
+        elif kind == "image_url":
+            blocks.append(_image(part.get("image_url"), f"{param}[{j}].image_url"))
+        else:
+            raise InvalidRequest(f"Unsupported content part {kind!r} in '{param}[{j}]'.",
+                                 param=f"{param}[{j}]", code="invalid_value")
+    return blocks
+
+
+def _image(image_url, param: str) -> dict:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if isinstance(url, str) and url.startswith("data:"):
+        header, _, data = url[len("data:"):].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if encoding == "base64" and data:
+            return {"type": "image",
+                    "source": {"type": "base64", "media_type": media_type, "data": data}}
+    elif isinstance(url, str) and url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise InvalidRequest(f"'{param}' must be an http(s) URL or a base64 data: URL.",
+                         param=param, code="invalid_value")
+
+
+def _tool_use(tool_call, param: str) -> dict:
+    function = (tool_call.get("function") if isinstance(tool_call, dict) else None) or {}
+    arguments = function.get("arguments") or "{}"
+    try:
+        arguments = orjson.loads(arguments)
+    except (orjson.JSONDecodeError, TypeError):
+        arguments = None
+    if not isinstance(arguments, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(f"'{param}' needs a function name and arguments as a JSON object.",
+                             param=param, code="invalid_value")
+    return {"type": "tool_use", "id": tool_call.get("id") or "", "name": function["name"],
+            "input": arguments}
+
+
+def _tool_result(message: dict, i: int) -> dict:
+    result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id") or ""}
+    content = message.get("content")
+    if isinstance(content, str):
+        if content:
+            result["content"] = content
+    elif content:
+        result["content"] = _content_blocks(content, f"messages[{i}].content")
+    return result
+
+
+def _tools(body: dict) -> dict:
+    """``tools`` and ``tool_choice`` for the request; nothing when the client sent no tools."""
+    tools = []
+    for i, tool in enumerate(body.get("tools") or []):
+        tool = tool if isinstance(tool, dict) else {}
+        function = tool.get("function") if tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"Unsupported tool in 'tools[{i}]': only named functions are.",
+                                 param=f"tools[{i}]", code="invalid_value")
+        entry = {"name": function.get("name"),
+                 "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
+        if function.get("description"):
+            entry["description"] = function["description"]
+        tools.append(entry)
+    if not tools:
+        return {}
+    choice = body.get("tool_choice") or "auto"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest("'tool_choice' must name a function.", param="tool_choice",
+                                 code="invalid_value")
+        tool_choice = {"type": "tool", "name": name}
+    elif choice in TOOL_CHOICES:
+        tool_choice = {"type": TOOL_CHOICES[choice]}
+    else:
+        raise InvalidRequest(f"Unsupported 'tool_choice' {choice!r}.", param="tool_choice",
+                             code="invalid_value")
+    if body.get("parallel_tool_calls") is False and tool_choice["type"] != "none":
+        tool_choice["disable_parallel_tool_use"] = True
+    return {"tools": tools, "tool_choice": tool_choice}
+
+
+# --- Anthropic answer -> OpenAI answer -----------------------------------------------------
+
+def chat_completion(message: dict, created: int) -> dict:
+    """A ``chat.completion`` from an Anthropic message."""
+    text, tool_calls = "", []
+    for block in message["content"]:
+        if block.get("type") == "text":
+            text += block.get("text") or ""
+        elif block.get("type") == "tool_use":
+            tool_calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"),
+                "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        # thinking and server-tool blocks have no OpenAI counterpart: left out
+    reply = {"role": "assistant", "content": text or (None if tool_calls else ""),
+             "refusal": None}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    return {"id": message.get("id"), "object": "chat.completion", "created": created,
+            "model": message.get("model"), "choices": [{
+                "index": 0, "message": reply, "logprobs": None,
+                "finish_reason": finish_reason(message.get("stop_reason"))}],
+            "usage": usage(message.get("usage"))}
+
+
+def text_completion(message: dict, created: int) -> dict:
+    """A legacy ``text_completion`` from an Anthropic message."""
+    text = "".join(b.get("text") or "" for b in message["content"] if b.get("type") == "text")
+    return {"id": message.get("id"), "object": "text_completion", "created": created,
+            "model": message.get("model"), "choices": [{
+                "index": 0, "text": text, "logprobs": None,
+                "finish_reason": finish_reason(message.get("stop_reason"))}],
+            "usage": usage(message.get("usage"))}
+
+
+def openai_error(data: dict) -> dict:
+    """Anthropic's ``{"type": "error", "error": {...}}`` as OpenAI's ``{"error": {...}}``."""
+    error = data.get("error")
+    if not isinstance(error, dict):
+        return data
+    return {"error": {"message": error.get("message"), "type": error.get("type"),
+                      "param": None, "code": None}}

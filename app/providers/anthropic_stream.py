@@ -1,0 +1,156 @@
+"""Anthropic answers in OpenAI's words: stop reasons, usage, and streamed events as chunks."""
+
+from __future__ import annotations
+
+from app.errors import UpstreamError
+from app.http_client import iter_raw
+from app.providers.base import parse_json
+from app.sse import DONE, data_event, event_field, iter_events
+
+FINISH_REASONS = {
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
+    "max_tokens": "length", "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls", "refusal": "content_filter",
+}
+
+
+def finish_reason(stop_reason) -> str:
+    """OpenAI's finish_reason for an Anthropic stop_reason ("stop" for any unknown one)."""
+    return FINISH_REASONS.get(stop_reason, "stop")
+
+
+def usage(anthropic_usage) -> dict:
+    """OpenAI usage; cached input counts towards prompt tokens, as it does at OpenAI."""
+    u = anthropic_usage if isinstance(anthropic_usage, dict) else {}
+    cached = u.get("cache_read_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
+    completion = u.get("output_tokens") or 0
+    result = {"prompt_tokens": prompt, "completion_tokens": completion,
+              "total_tokens": prompt + completion}
+    if cached:
+        result["prompt_tokens_details"] = {"cached_tokens": cached}
+    return result
+
+
+def relay(response, translator, provider: str):
+    """OpenAI SSE events for an Anthropic event stream; the response is closed at the end."""
+    try:
+        for event in iter_events(iter_raw(response, provider)):
+            data = event_field(event, b"data")
+            if data is None:
+                continue  # comments and keep-alives
+            yield from translator.feed(parse_json(data, provider))
+            if translator.finished:
+                return
+        raise UpstreamError(f"provider {provider}: the stream ended before it was complete",
+                            provider=provider, kind="truncated")
+    finally:
+        response.close()
+
+
+class StreamTranslator:
+    """The state of one streamed answer: Anthropic events in, OpenAI SSE events out.
+
+    The first OpenAI event is held back until the first content block starts, so an error
+    event right after ``message_start`` still lets the gateway fall back to another provider.
+    """
+
+    def __init__(self, endpoint: str, created: int, provider: str, *, include_usage=False):
+        self.chat = endpoint == "chat"
+        self.created = created
+        self.provider = provider
+        self.include_usage = include_usage
+        self.id = self.model = self.stop_reason = None
+        self.usage: dict = {}
+        self.tool_index: dict = {}  # Anthropic content block index -> OpenAI tool call index
+        self.opened = False  # the role chunk has been sent
+        self.closed = False  # the finish_reason chunk has been sent
+        self.finished = False  # message_stop seen: the answer is complete
+
+    def feed(self, event) -> list[bytes]:
+        """The OpenAI events for one Anthropic event (often none)."""
+        kind = event.get("type") if isinstance(event, dict) else None
+        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
+        if handler is None:
+            return []  # ping, and event types newer than this adapter
+        try:
+            return handler(event)
+        except (KeyError, TypeError, AttributeError):
+            raise UpstreamError(f"provider {self.provider} sent a malformed {kind} event",
+                                provider=self.provider, kind="protocol") from None
+
+    def _on_message_start(self, event):
+        message = event["message"]
+        self.id, self.model = message.get("id"), message.get("model")
+        self._add_usage(message.get("usage"))
+        return []
+
+    def _on_content_block_start(self, event):
+        block, out = event["content_block"], self._open()
+        if block["type"] == "text" and block.get("text"):
+            out.append(self._chunk({"content": block["text"]}))
+        elif block["type"] == "tool_use" and self.chat:
+            index = self.tool_index[event["index"]] = len(self.tool_index)
+            out.append(self._chunk({"tool_calls": [{
+                "index": index, "id": block["id"], "type": "function",
+                "function": {"name": block["name"], "arguments": ""}}]}))
+        return out
+
+    def _on_content_block_delta(self, event):
+        delta, out = event["delta"], self._open()
+        if delta["type"] == "text_delta" and delta["text"]:
+            out.append(self._chunk({"content": delta["text"]}))
+        elif delta["type"] == "input_json_delta" and delta["partial_json"]:
+            index = self.tool_index.get(event["index"])
+            if index is not None:
+                out.append(self._chunk({"tool_calls": [{
+                    "index": index, "function": {"arguments": delta["partial_json"]}}]}))
+        return out  # thinking, signature and citation deltas have no OpenAI counterpart
+
+    def _on_message_delta(self, event):
+        self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+        self._add_usage(event.get("usage"))
+        return self._open() + self._close()
+
+    def _on_message_stop(self, event):
+        out = self._open() + self._close()
+        if self.include_usage:
+            out.append(data_event({**self._base(), "choices": [], "usage": usage(self.usage)}))
+        out.append(DONE)
+        self.finished = True
+        return out
+
+    def _on_error(self, event):
+        error = event.get("error") or {}
+        raise UpstreamError(f"provider {self.provider} failed mid-stream: "
+                            f"{error.get('type', 'error')}: {error.get('message', '')}",
+                            provider=self.provider, kind="stream_error")
+
+    def _open(self) -> list:
+        if self.opened:
+            return []
+        self.opened = True
+        return [self._chunk({"role": "assistant", "content": ""})] if self.chat else []
+
+    def _close(self) -> list:
+        if self.closed:
+            return []
+        self.closed = True
+        return [self._chunk({}, finish_reason(self.stop_reason))]
+
+    def _add_usage(self, counts):
+        # message_delta repeats the counts so far (output_tokens is cumulative), some as null
+        if isinstance(counts, dict):
+            self.usage.update({k: v for k, v in counts.items() if v is not None})
+
+    def _base(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                      "finish_reason": finish}
+        return data_event({**self._base(), "choices": [choice]})
