@@ -61,6 +61,39 @@ class HttpClientSettings:
 
 
 @dataclass
+class CircuitBreakerSettings:
+    failure_threshold: int = 5
+    recovery_timeout: float = 60.0
+    success_threshold: int = 3
+    adaptive_thresholds: bool = True
+    window: int = 100  # calls remembered for the success rate
+    min_threshold: int = 2  # the tightest threshold for a provider that has been healthy
+    failure_rate: float = 0.5  # trip at this share of failures in the window...
+    min_calls: int = 10  # ...once the window holds this many calls
+
+    def validate(self, path):
+        for name in ("failure_threshold", "success_threshold", "window", "min_threshold",
+                     "min_calls"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", "must be at least 1")
+        _check(self.recovery_timeout > 0, f"{path}.recovery_timeout", "must be positive")
+        _check(0 < self.failure_rate <= 1, f"{path}.failure_rate", "must be in (0, 1]")
+
+
+@dataclass
+class RoutingSettings:
+    strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
+    max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
+    provider_max_in_flight: int = 0  # per provider unless it sets its own; 0: 3/4 of max_in_flight
+
+    def validate(self, path):
+        _check(self.strategy in ("weighted", "least_in_flight"), f"{path}.strategy",
+               f"must be weighted or least_in_flight, got {self.strategy!r}")
+        _check(self.max_in_flight >= 0, f"{path}.max_in_flight", "must be 0 (derived) or more")
+        _check(self.provider_max_in_flight >= 0, f"{path}.provider_max_in_flight",
+               "must be 0 (derived) or more")
+
+
+@dataclass
 class ProviderSettings:
     name: str
     type: str
@@ -70,6 +103,8 @@ class ProviderSettings:
     aliases: dict[str, str] = field(default_factory=dict)
     enabled: bool = True
     priority: int = 100
+    weight: float = 1.0  # share of traffic among providers of equal priority
+    max_in_flight: int = 0  # bulkhead; 0: routing.provider_max_in_flight
     timeout: float = 0.0  # 0: the http_client timeout
     headers: dict[str, str] = field(default_factory=dict)
     api_version: str = "2024-10-21"  # azure_openai only
@@ -88,6 +123,8 @@ class ProviderSettings:
                    "must be an http:// or https:// URL")
         _check(bool(self.models or self.aliases), f"{path}.models", "must name at least one model")
         _check(self.timeout >= 0, f"{path}.timeout", "must be 0 (default) or positive")
+        _check(self.weight > 0, f"{path}.weight", "must be positive")
+        _check(self.max_in_flight >= 0, f"{path}.max_in_flight", "must be 0 (derived) or more")
         _check(self.chunks >= 1, f"{path}.chunks", "must be at least 1")
 
     @property
@@ -102,15 +139,30 @@ class Settings:
     version: str = VERSION
     log_level: str = "INFO"
     config_path: str = ""
+    admin_api_key: str = ""  # ADMIN_API_KEY; unset: /debug/* is disabled
     server: ServerSettings = field(default_factory=ServerSettings)
     http_client: HttpClientSettings = field(default_factory=HttpClientSettings)
+    circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     providers: list[ProviderSettings] = field(default_factory=list)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests served at once; the threads above it stay free to refuse quickly."""
+        return self.routing.max_in_flight or max(1, self.server.threads - max(2, self.server.threads // 8))
+
+    def provider_max_in_flight(self, provider: ProviderSettings) -> int:
+        """One provider's bulkhead: a hanging provider cannot take every thread."""
+        return (provider.max_in_flight or self.routing.provider_max_in_flight
+                or max(1, self.max_in_flight * 3 // 4))
 
     def validate(self, path="settings"):
         _check(self.environment in ("development", "production"), "environment",
                f"must be development or production, got {self.environment!r}")
         self.server.validate("server")
         self.http_client.validate("http_client")
+        self.circuit_breaker.validate("circuit_breaker")
+        self.routing.validate("routing")
         names = set()
         for i, provider in enumerate(self.providers):
             provider.validate(f"providers[{i}]")
@@ -143,6 +195,14 @@ ENV_VARS = {
     "HTTP_CONNECT_TIMEOUT": ("http_client", "connect_timeout"),
     "HTTP_RETRY_ATTEMPTS": ("http_client", "retry_attempts"),
     "HTTP_DEADLINE": ("http_client", "deadline"),
+    "ADMIN_API_KEY": (None, "admin_api_key"),
+    "CIRCUIT_BREAKER_FAILURE_THRESHOLD": ("circuit_breaker", "failure_threshold"),
+    "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": ("circuit_breaker", "recovery_timeout"),
+    "CIRCUIT_BREAKER_SUCCESS_THRESHOLD": ("circuit_breaker", "success_threshold"),
+    "CIRCUIT_BREAKER_ADAPTIVE": ("circuit_breaker", "adaptive_thresholds"),
+    "ROUTING_STRATEGY": ("routing", "strategy"),
+    "MAX_IN_FLIGHT": ("routing", "max_in_flight"),
+    "PROVIDER_MAX_IN_FLIGHT": ("routing", "provider_max_in_flight"),
 }
 
 MOCK_PROVIDER = {

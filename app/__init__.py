@@ -17,6 +17,8 @@ class LLMProxy:
     """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
 
     def __init__(self, settings: Settings, *, clock=time.monotonic):
+        from app.breakers import BreakerBoard
+        from app.bulkhead import Bulkhead
         from app.gateway import Gateway
         from app.providers import build_provider
         from app.router import Router
@@ -24,8 +26,20 @@ class LLMProxy:
         self.settings = settings
         self.clock = clock
         self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
-        self.router = Router(self.providers)
-        self.gateway = Gateway(self.router, clock=clock)
+        cb = settings.circuit_breaker
+        self.breakers = BreakerBoard(
+            [p.name for p in settings.providers], clock=clock,
+            failure_threshold=cb.failure_threshold, recovery_timeout=cb.recovery_timeout,
+            success_threshold=cb.success_threshold, adaptive=cb.adaptive_thresholds,
+            window=cb.window, min_threshold=cb.min_threshold, failure_rate=cb.failure_rate,
+            min_calls=cb.min_calls)
+        self.bulkheads = {p.name: Bulkhead(settings.provider_max_in_flight(p))
+                          for p in settings.providers}
+        self.admission = Bulkhead(settings.max_in_flight)
+        self.router = Router(self.providers, strategy=settings.routing.strategy,
+                             load=lambda name: self.bulkheads[name].in_flight)
+        self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
+                               clock=clock)
 
     def close(self):
         for adapter in self.providers:

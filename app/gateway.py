@@ -1,8 +1,14 @@
-"""The request pipeline: route a call to its candidate providers, falling back in order."""
+"""The request pipeline: route a call to its candidate providers, falling back in order.
+
+Each provider is guarded by its circuit breaker and its bulkhead (a limit of calls in
+flight); the whole proxy by an admission limit. A provider that is open, cooling down after
+a 429 or full is skipped without a connection attempt.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +16,8 @@ from app.errors import (NoProviderAvailable, ProxyError, UpstreamClientError, Up
                         UpstreamTimeout, sse_error_event)
 
 log = logging.getLogger("llm_proxy.gateway")
+
+SUCCESS, NEUTRAL = "success", "neutral"  # outcomes; a failure is the UpstreamError itself
 
 
 @dataclass
@@ -27,74 +35,179 @@ class RequestContext:
 class Gateway:
     """The one place that decides which provider answers, and what happens when one fails."""
 
-    def __init__(self, router, *, clock=time.monotonic):
+    def __init__(self, router, breakers, bulkheads, admission, *, clock=time.monotonic):
         self.router = router
+        self.breakers = breakers  # BreakerBoard
+        self.bulkheads = bulkheads  # provider name -> Bulkhead
+        self.admission = admission  # Bulkhead for the whole proxy
         self.clock = clock
 
     def complete(self, call, ctx):
         """A whole answer from the first candidate that gives one."""
-        failures = []
-        for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
-            try:
-                reply = adapter.send(call, model, ctx)
-            except UpstreamClientError as e:
-                ctx.provider = adapter.name
-                raise e
-            except UpstreamError as e:
-                failures.append(e)
-                log.warning("request %s: %s; trying the next provider", ctx.request_id, e.message)
-                continue
-            ctx.provider = adapter.name
-            return reply
-        raise self._exhausted(call, failures)
+        self._admit_request()
+        try:
+            failures, unavailable = [], []
+            for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
+                if not self._acquire(adapter, unavailable):
+                    continue
+                outcome = NEUTRAL
+                try:
+                    reply = adapter.send(call, model, ctx)
+                    outcome = SUCCESS
+                    ctx.provider = adapter.name
+                    return reply
+                except UpstreamClientError:
+                    ctx.provider = adapter.name
+                    raise
+                except UpstreamError as e:
+                    outcome = e
+                    failures.append(e)
+                    log.warning("request %s: %s; trying the next provider", ctx.request_id, e.message)
+                finally:
+                    self._settle(adapter, outcome)
+            raise self._exhausted(call, failures, unavailable)
+        finally:
+            self.admission.release()
 
     def stream(self, call, ctx):
-        """An iterator of SSE events from the first candidate whose stream starts.
+        """An iterable of SSE events from the first candidate whose stream starts.
 
         Failures before the first event fall back to the next provider; after it, the stream
-        ends with an SSE error event.
+        ends with an SSE error event. The provider's slot and the request's admission are held
+        until the stream ends or the client goes away.
         """
-        failures = []
+        self._admit_request()
+        try:
+            adapter, first, events = self._open_stream(call, ctx)
+        except BaseException:
+            self.admission.release()
+            raise
+        return StreamRelay(first, events, ctx, lambda outcome: self._end_stream(adapter, outcome))
+
+    def _open_stream(self, call, ctx):
+        failures, unavailable = [], []
         for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
+            if not self._acquire(adapter, unavailable):
+                continue
             events = None
             try:
                 events = adapter.stream(call, model, ctx)
                 first = next(events)
-            except UpstreamClientError as e:
-                ctx.provider = adapter.name
-                raise e
-            except (UpstreamError, StopIteration) as e:
-                if events is not None:
-                    events.close()
-                if isinstance(e, StopIteration):
-                    e = UpstreamError(f"provider {adapter.name} sent an empty stream",
+            except StopIteration:
+                error = UpstreamError(f"provider {adapter.name} sent an empty stream",
                                       provider=adapter.name, kind="truncated")
-                failures.append(e)
-                log.warning("request %s: %s; trying the next provider", ctx.request_id, e.message)
-                continue
-            ctx.provider = adapter.name
-            return self._relay(first, events, ctx)
-        raise self._exhausted(call, failures)
+            except UpstreamError as e:
+                error = e
+            except BaseException:
+                ctx.provider = adapter.name
+                self._settle(adapter, NEUTRAL)
+                raise
+            else:
+                ctx.provider = adapter.name
+                return adapter, first, events
+            if events is not None:
+                events.close()
+            self._settle(adapter, error)
+            failures.append(error)
+            log.warning("request %s: %s; trying the next provider", ctx.request_id, error.message)
+        raise self._exhausted(call, failures, unavailable)
 
-    def _relay(self, first, events, ctx):
+    def _end_stream(self, adapter, outcome):
+        self._settle(adapter, outcome)
+        self.admission.release()
+
+    def _admit_request(self):
+        if not self.admission.try_acquire():
+            raise NoProviderAvailable(
+                f"The proxy is serving its limit of {self.admission.limit} requests; retry shortly.",
+                code="proxy_overloaded", headers={"Retry-After": "1"})
+
+    def _acquire(self, adapter, unavailable) -> bool:
+        """Take a slot in the provider's bulkhead and its breaker's permission, or neither."""
+        bulkhead = self.bulkheads[adapter.name]
+        if not bulkhead.try_acquire():
+            unavailable.append((adapter.name, f"at its limit of {bulkhead.limit} requests in flight",
+                                self.clock() + 1.0))
+            return False
+        breaker = self.breakers.get(adapter.name)
+        if not breaker.allow():
+            bulkhead.release()
+            unavailable.append((adapter.name, f"circuit {breaker.state}", breaker.retry_at()))
+            return False
+        return True
+
+    def _settle(self, adapter, outcome):
+        """Tell the breaker what the call showed and free the provider's slot."""
+        breaker = self.breakers.get(adapter.name)
+        if outcome is SUCCESS:
+            breaker.record_success()
+        elif outcome is NEUTRAL:
+            breaker.release()  # a client's 4xx or a disconnect says nothing about the provider
+        else:
+            breaker.record_failure()
+            if outcome.retry_after:
+                breaker.cool_down(outcome.retry_after)
+        self.bulkheads[adapter.name].release()
+
+    def _exhausted(self, call, failures, unavailable) -> ProxyError:
+        model = call.body["model"]
+        if not failures:
+            wait = min(at for _, _, at in unavailable) - self.clock()
+            reasons = "; ".join(f"provider {name}: {why}" for name, why, _ in unavailable)
+            return NoProviderAvailable(
+                f"No provider is available for {model!r} right now ({reasons}).",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        summary = "; ".join(f.message for f in failures)
+        summary += "".join(f"; provider {name}: skipped, {why}" for name, why, _ in unavailable)
+        timeouts = all(isinstance(f, UpstreamTimeout) for f in failures)
+        kind = UpstreamTimeout if timeouts else UpstreamError
+        return kind(f"Every provider failed: {summary}", provider=failures[-1].provider)
+
+
+class StreamRelay:
+    """The SSE events of a stream that has begun; ``on_end(outcome)`` runs exactly once.
+
+    A class rather than a bare generator so that ``close()`` settles the provider even when the
+    server closes the response before iterating it (an unstarted generator skips its finally).
+    """
+
+    def __init__(self, first, events, ctx, on_end):
+        self._events = events
+        self._on_end = on_end
+        self._outcome = NEUTRAL
+        self._ended = False
+        self._gen = self._run(first, events, ctx)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self):
+        self._gen.close()
+        self._end()
+
+    def _run(self, first, events, ctx):
         try:
             yield first
             for event in events:
                 if ctx.client_disconnected():
-                    return  # finally closes the upstream connection
+                    return  # the finally closes the upstream connection
                 yield event
-        except ProxyError as e:
+            self._outcome = SUCCESS
+        except UpstreamError as e:
+            self._outcome = e
             log.warning("request %s: stream from %s failed after it began: %s",
                         ctx.request_id, ctx.provider, e.message)
             yield sse_error_event(e)
+        except ProxyError as e:
+            yield sse_error_event(e)
         finally:
-            events.close()
+            self._end()
 
-    @staticmethod
-    def _exhausted(call, failures) -> ProxyError:
-        if not failures:
-            return NoProviderAvailable(f"No provider is available for {call.body['model']!r}.")
-        summary = "; ".join(f.message for f in failures)
-        kind = UpstreamTimeout if all(isinstance(f, UpstreamTimeout) for f in failures) else UpstreamError
-        error = kind(f"Every provider failed: {summary}", provider=failures[-1].provider)
-        return error
+    def _end(self):
+        if not self._ended:
+            self._ended = True
+            self._events.close()
+            self._on_end(self._outcome)

@@ -71,3 +71,16 @@ def live_server(app, threads=8):
         server.trigger.pull_trigger(close_all)
         server.task_dispatcher.shutdown(timeout=1)
         thread.join(timeout=5)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test advances it."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds

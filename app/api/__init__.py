@@ -17,10 +17,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def register(app):
-    from app.api import openai, providers
+    from app.api import admin, openai, providers
 
     app.register_blueprint(openai.bp)
     app.register_blueprint(providers.bp)
+    app.register_blueprint(admin.bp)
     app.before_request(_start_context)
     app.after_request(_proxy_headers)
     app.register_error_handler(ProxyError, _proxy_error)

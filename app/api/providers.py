@@ -12,7 +12,14 @@ bp = Blueprint("providers", __name__)
 
 @bp.get("/providers")
 def list_providers():
-    data = [{"name": a.name, "type": a.settings.type, "models": a.settings.models,
-             "aliases": a.settings.aliases, "enabled": a.settings.enabled,
-             "priority": a.settings.priority} for a in proxy().providers]
+    llm_proxy = proxy()
+    breakers = llm_proxy.breakers.snapshot()
+    data = []
+    for adapter in llm_proxy.providers:
+        s = adapter.settings
+        bulkhead = llm_proxy.bulkheads[adapter.name]
+        data.append({"name": adapter.name, "type": s.type, "models": s.models,
+                     "aliases": s.aliases, "enabled": s.enabled, "priority": s.priority,
+                     "weight": s.weight, "in_flight": bulkhead.in_flight,
+                     "max_in_flight": bulkhead.limit, "circuit_breaker": breakers[adapter.name]})
     return Response(orjson.dumps({"providers": data}), mimetype="application/json")

@@ -1,0 +1,58 @@
+"""``/debug/*``: operator routes, closed without the admin key and disabled when it is unset."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import orjson
+from flask import Blueprint, Response, request
+
+from app.api import proxy
+from app.errors import ProxyError
+
+bp = Blueprint("admin", __name__, url_prefix="/debug")
+
+
+class AdminRefused(ProxyError):
+    """The admin key is missing or wrong."""
+    status, type, code = 401, "authentication_error", "invalid_admin_key"
+
+
+class AdminDisabled(ProxyError):
+    """No admin key is configured, so the debug routes are off."""
+    status, type, code = 403, "permission_error", "admin_disabled"
+
+
+def presented_key() -> str:
+    """The key a client sent as ``Authorization: Bearer`` or ``X-API-Key``."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("X-API-Key", "").strip()
+
+
+@bp.before_request
+def require_admin_key():
+    expected = proxy().settings.admin_api_key
+    if not expected:
+        raise AdminDisabled("The /debug routes are disabled: set ADMIN_API_KEY to enable them.")
+    given = presented_key()
+    # Compare digests so the comparison takes the same time whatever the lengths.
+    if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                                            hashlib.sha256(expected.encode()).digest()):
+        raise AdminRefused("A valid admin key is required for /debug routes.",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+@bp.post("/circuit-breakers/reset")
+def reset_breakers():
+    """Close every breaker, or the one named by ``?name=``."""
+    breakers = proxy().breakers
+    name = request.args.get("name")
+    if name is not None and name not in breakers:
+        raise ProxyError(f"No provider named {name!r}.", status=404, code="provider_not_found")
+    breakers.reset(name)
+    return Response(orjson.dumps({"reset": [name] if name else [b.name for b in breakers],
+                                  "circuit_breakers": breakers.snapshot()}),
+                    mimetype="application/json")
