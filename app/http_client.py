@@ -17,6 +17,7 @@ from email.utils import parsedate_to_datetime
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
@@ -66,6 +67,8 @@ class HttpClient:
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
         self._last_used = clock()
         self.session = _make_session(pool_size)
+        self._adapter = self.session.get_adapter("https://")
+        self._headers = dict(self.session.headers)
 
     def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> requests.Response:
         """POST with retries; return the final response (any status) or raise UpstreamError."""
@@ -80,9 +83,11 @@ class HttpClient:
             ctx.attempts += 1
             started = self._clock()
             try:
-                response = self.session.post(
-                    url, data=body, headers=headers, stream=stream,
+                response = self._adapter.send(
+                    self._prepare(url, body, headers), stream=True,
                     timeout=(min(self.timeout[0], remaining), min(self.timeout[1], remaining)))
+                if not stream:
+                    response.content  # read the whole body here, inside the error boundary
             except requests.RequestException as e:
                 error = self._translate(e)
                 self._finish(ctx, started, failed=True)
@@ -104,6 +109,19 @@ class HttpClient:
 
     def close(self):
         self.session.close()
+
+    def _prepare(self, url, body: bytes, headers: dict) -> PreparedRequest:
+        """The request as requests' transport takes it, built directly: the Session's merging of
+        cookies, auth, hooks and environment settings is work this proxy never needs."""
+        request = PreparedRequest()
+        request.method = "POST"
+        request.url = url
+        request.headers = CaseInsensitiveDict(self._headers)
+        request.headers.update(headers)
+        request.headers["Content-Length"] = str(len(body))
+        request.body = body
+        request.hooks = {"response": []}
+        return request
 
     def _finish(self, ctx, started, failed):
         now = self._clock()
@@ -138,7 +156,7 @@ class HttpClient:
         elif isinstance(e, requests.ConnectionError) and _never_connected(e):
             error = UpstreamError(f"provider {name}: connection failed", provider=name,
                                   kind="connect", retryable=True)
-        elif isinstance(e, requests.ConnectionError):
+        elif isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
             error = UpstreamError(f"provider {name}: connection lost", provider=name, kind="connection")
         else:
             error = UpstreamError(f"provider {name}: request failed", provider=name, kind="protocol")
