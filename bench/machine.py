@@ -1,0 +1,80 @@
+"""The machine a run shares: what it is, and how much of it other processes took meanwhile."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import psutil
+
+from bench.services import which
+
+
+def cpu_sample(proxy_pid=None, exclude=()) -> dict:
+    """A point in time: the proxy's CPU seconds, every other process's, and the VM's steal.
+
+    Other processes (other sessions' tests, builds) slow the proxy even though it is pinned:
+    they take core 1 from nginx and wrk, and share the physical core's caches. Kernel threads
+    are left out: most of their work here is our own loopback traffic.
+    """
+    others = {}
+    for p in psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"]):
+        i = p.info
+        if i["pid"] not in exclude and 2 not in (i["pid"], i["ppid"]) and i["cpu_times"]:
+            others[i["pid"]] = (i["create_time"], i["cpu_times"].user + i["cpu_times"].system)
+    own = psutil.Process(proxy_pid).cpu_times() if proxy_pid else None
+    return {"t": time.monotonic(), "proxy": own.user + own.system if own else 0.0,
+            "others": others, "steal": getattr(psutil.cpu_times(), "steal", 0.0)}
+
+
+def cpu_use(before, after) -> dict:
+    """Between two samples: % of one core used by the proxy, by other processes, and stolen."""
+    wall = after["t"] - before["t"]
+    others = 0.0
+    for pid, (created, used) in after["others"].items():
+        then = before["others"].get(pid)
+        others += used - then[1] if then and then[0] == created else used
+    return {"proxy_cpu_pct": round(100 * (after["proxy"] - before["proxy"]) / wall, 1),
+            "others_cpu_pct": round(100 * others / wall, 1),
+            "steal_pct": round(100 * (after["steal"] - before["steal"]) / wall, 1)}
+
+
+def wait_quiet(limit: float, busy_pct: float) -> float:
+    """Wait up to ``limit`` s until the machine is under ``busy_pct`` for a second; the last %."""
+    deadline, busy = time.monotonic() + limit, 0.0
+    while time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=1.0)
+        if busy < busy_pct:
+            break
+        print(f"bench: machine {busy:.0f}% busy, waiting for quiet", file=sys.stderr, flush=True)
+    return busy
+
+
+def describe() -> dict:
+    """What the figures were measured on."""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "")
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release(), "wrk": _first_line([which("wrk"), "-v"]),
+            "nginx": _first_line([which("nginx"), "-v"])}
+
+
+def describe_source(source: str) -> str:
+    """The proxy code measured: its git commit, marked when the app has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", source, *args], capture_output=True,
+                              text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return source
+    dirty = git("status", "--porcelain", "--", "app", "settings.py", "wsgi.py")
+    return f"{source} at {commit}" + (" + uncommitted changes" if dirty else "")
+
+
+def _first_line(argv) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    return (done.stdout + done.stderr).strip().splitlines()[0]
