@@ -80,6 +80,42 @@ class CircuitBreakerSettings:
 
 
 @dataclass
+class CacheSettings:
+    enabled: bool = True
+    response_cache_size: int = 10000
+    response_cache_ttl: float = 1800.0
+    summary_cache_size: int = 2000
+    summary_cache_ttl: float = 3600.0
+    max_memory_mb: float = 512.0  # both caches together
+    stale_ttl: float = 600.0  # serve an answer this long past its TTL when every provider fails
+    coalesce: bool = True  # identical requests in flight share one upstream call
+    disabled_models: list[str] = field(default_factory=list)  # names or glob patterns
+
+    def validate(self, path):
+        for name in ("response_cache_size", "summary_cache_size"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", "must be at least 1")
+        for name in ("response_cache_ttl", "summary_cache_ttl", "max_memory_mb"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        _check(self.stale_ttl >= 0, f"{path}.stale_ttl", "must be 0 or more")
+
+
+@dataclass
+class CondenseSettings:
+    enabled: bool = True
+    threshold_tokens: int = 12000  # estimated tokens (about 4 characters each) that trigger it
+    keep_last: int = 6  # messages kept as they are, besides the system prompt
+    summary_model: str = ""  # the model that summarizes; empty: the request's own model
+    summary_max_tokens: int = 512
+    fallback: str = "truncate"  # when summarizing fails: truncate the oldest turns, or none
+
+    def validate(self, path):
+        _check(self.threshold_tokens >= 1, f"{path}.threshold_tokens", "must be at least 1")
+        _check(self.keep_last >= 1, f"{path}.keep_last", "must be at least 1")
+        _check(self.fallback in ("truncate", "none"), f"{path}.fallback",
+               f"must be truncate or none, got {self.fallback!r}")
+
+
+@dataclass
 class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
@@ -144,6 +180,8 @@ class Settings:
     http_client: HttpClientSettings = field(default_factory=HttpClientSettings)
     circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    condense: CondenseSettings = field(default_factory=CondenseSettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
     @property
@@ -163,6 +201,8 @@ class Settings:
         self.http_client.validate("http_client")
         self.circuit_breaker.validate("circuit_breaker")
         self.routing.validate("routing")
+        self.cache.validate("cache")
+        self.condense.validate("condense")
         names = set()
         for i, provider in enumerate(self.providers):
             provider.validate(f"providers[{i}]")
@@ -176,6 +216,7 @@ PRODUCTION_PROFILE = {
     "log_level": "WARNING",
     "server": {"host": "0.0.0.0", "threads": 64, "connection_limit": 2000},
     "http_client": {"max_connections": 5000},
+    "cache": {"max_memory_mb": 1024},
 }
 
 # Environment variable -> (section or None, field). The seed's names are kept.
@@ -203,6 +244,13 @@ ENV_VARS = {
     "ROUTING_STRATEGY": ("routing", "strategy"),
     "MAX_IN_FLIGHT": ("routing", "max_in_flight"),
     "PROVIDER_MAX_IN_FLIGHT": ("routing", "provider_max_in_flight"),
+    "CACHE_ENABLED": ("cache", "enabled"),
+    "CACHE_MAX_MEMORY_MB": ("cache", "max_memory_mb"),
+    "CACHE_RESPONSE_TTL": ("cache", "response_cache_ttl"),
+    "CACHE_STALE_TTL": ("cache", "stale_ttl"),
+    "CONDENSE_ENABLED": ("condense", "enabled"),
+    "CONDENSE_THRESHOLD_TOKENS": ("condense", "threshold_tokens"),
+    "CONDENSE_SUMMARY_MODEL": ("condense", "summary_model"),
 }
 
 MOCK_PROVIDER = {

@@ -19,6 +19,8 @@ class LLMProxy:
     def __init__(self, settings: Settings, *, clock=time.monotonic):
         from app.breakers import BreakerBoard
         from app.bulkhead import Bulkhead
+        from app.cache import Coalescer, build_caches
+        from app.response_cache import ResponseCache
         from app.gateway import Gateway
         from app.providers import build_provider
         from app.router import Router
@@ -40,6 +42,14 @@ class LLMProxy:
                              load=lambda name: self.bulkheads[name].in_flight)
         self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
                                clock=clock)
+        c = settings.cache
+        self.caches = build_caches(
+            max_memory_mb=c.max_memory_mb, response_size=c.response_cache_size,
+            response_ttl=c.response_cache_ttl, summary_size=c.summary_cache_size,
+            summary_ttl=c.summary_cache_ttl, stale_ttl=c.stale_ttl, clock=clock)
+        self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
+                                       router=self.router, timeout=settings.http_client.deadline,
+                                       clock=clock)
 
     def close(self):
         for adapter in self.providers:

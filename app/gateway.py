@@ -30,6 +30,11 @@ class RequestContext:
     upstream_seconds: float = 0.0
     provider: str = ""
     client_disconnected: object = field(default=lambda: False)
+    cache: str = ""  # HIT, MISS, BYPASS, STALE (X-Cache)
+    cache_age: float | None = None
+    cached: object = None  # the cache Entry served
+    coalesced: bool = False
+    condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
 
 
 class Gateway:

@@ -57,6 +57,11 @@ class Router:
             found = self._balance(found)
         return found
 
+    def canonical_model(self, model: str) -> str:
+        """The provider's own name for ``model`` at the highest priority (aliases resolved)."""
+        entries = self._resolved.get(model)
+        return entries[0][1] if entries else model
+
     def model_owners(self) -> list[tuple[str, str]]:
         """(model or alias, first enabled provider serving it); glob patterns are left out."""
         owners = []

@@ -42,6 +42,8 @@ def make_app():
         http.setdefault("backoff_base", 0.0)  # retries without waiting, unless a test asks
         http.setdefault("timeout", 5.0)
         http.setdefault("connect_timeout", 2.0)
+        # Tests of routing repeat identical requests: the cache is on only where a test says.
+        data.setdefault("cache", {}).setdefault("enabled", False)
         options = {"clock": clock} if clock else {}
         app = create_app(build_settings(data), **options)
         app.testing = True

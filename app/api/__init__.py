@@ -56,6 +56,14 @@ def _proxy_headers(response):
         return response
     headers = response.headers
     headers["X-Request-ID"] = ctx.request_id
+    if ctx.cache:
+        headers["X-Cache"] = ctx.cache
+        if ctx.cache_age is not None:
+            headers["Age"] = str(int(ctx.cache_age))
+    if ctx.coalesced:
+        headers["X-Proxy-Coalesced"] = "true"
+    if ctx.condensed:
+        headers["X-Proxy-Condensed"] = ctx.condensed
     if ctx.attempts or ctx.provider:
         overhead = (proxy().clock() - ctx.started - ctx.upstream_seconds) * 1000
         headers["X-Proxy-Provider"] = ctx.provider

@@ -56,3 +56,18 @@ def reset_breakers():
     return Response(orjson.dumps({"reset": [name] if name else [b.name for b in breakers],
                                   "circuit_breakers": breakers.snapshot()}),
                     mimetype="application/json")
+
+
+@bp.post("/cache/clear")
+def clear_cache():
+    """Empty both caches, or the one named by ``?name=response`` or ``?name=summary``."""
+    caches = proxy().caches
+    name = request.args.get("name")
+    if name not in (None, "response", "summary"):
+        raise ProxyError(f"No cache named {name!r}: use response or summary.", status=404,
+                         code="cache_not_found")
+    before = caches.stats()
+    caches.clear(name)
+    return Response(orjson.dumps({"cleared": [name] if name else ["response", "summary"],
+                                  "before": before, "after": caches.stats()}),
+                    mimetype="application/json")

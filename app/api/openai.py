@@ -51,9 +51,11 @@ def _serve(endpoint):
     body = validate(endpoint, parse_body(raw))
     stream = endpoint != "embeddings" and body.get("stream") is True
     call = Call(endpoint, body, raw, stream)
-    gateway = proxy().gateway
+    llm_proxy, ctx = proxy(), g.ctx
+    gateway, responses = llm_proxy.gateway, llm_proxy.responses
+    policy = responses.policy(body["model"], request.headers.get("Cache-Control", ""))
     if stream:
-        return Response(gateway.stream(call, g.ctx), mimetype="text/event-stream",
-                        headers=SSE_HEADERS)
-    reply = gateway.complete(call, g.ctx)
+        events = responses.stream(call, ctx, policy, lambda: gateway.stream(call, ctx))
+        return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+    reply = responses.complete(call, ctx, policy, lambda: gateway.complete(call, ctx))
     return Response(reply.body, status=reply.status, mimetype="application/json")
