@@ -104,6 +104,7 @@ class CondenseSettings:
     enabled: bool = True
     threshold_tokens: int = 12000  # estimated tokens (about 4 characters each) that trigger it
     keep_last: int = 6  # messages kept as they are, besides the system prompt
+    step: int = 6  # the summarized part grows this many messages at a time, so turns reuse it
     summary_model: str = ""  # the model that summarizes; empty: the request's own model
     summary_max_tokens: int = 512
     fallback: str = "truncate"  # when summarizing fails: truncate the oldest turns, or none
@@ -111,6 +112,7 @@ class CondenseSettings:
     def validate(self, path):
         _check(self.threshold_tokens >= 1, f"{path}.threshold_tokens", "must be at least 1")
         _check(self.keep_last >= 1, f"{path}.keep_last", "must be at least 1")
+        _check(self.step >= 1, f"{path}.step", "must be at least 1")
         _check(self.fallback in ("truncate", "none"), f"{path}.fallback",
                f"must be truncate or none, got {self.fallback!r}")
 

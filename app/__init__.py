@@ -20,6 +20,7 @@ class LLMProxy:
         from app.breakers import BreakerBoard
         from app.bulkhead import Bulkhead
         from app.cache import Coalescer, build_caches
+        from app.condense import Condensation, Condenser
         from app.response_cache import ResponseCache
         from app.gateway import Gateway
         from app.providers import build_provider
@@ -47,6 +48,12 @@ class LLMProxy:
             max_memory_mb=c.max_memory_mb, response_size=c.response_cache_size,
             response_ttl=c.response_cache_ttl, summary_size=c.summary_cache_size,
             summary_ttl=c.summary_cache_ttl, stale_ttl=c.stale_ttl, clock=clock)
+        d = settings.condense
+        condenser = Condenser(self.caches.summary, threshold_tokens=d.threshold_tokens,
+                              keep_last=d.keep_last, summary_max_tokens=d.summary_max_tokens,
+                              fallback=d.fallback, step=d.step, coalescer=Coalescer(clock=clock))
+        self.condensation = Condensation(condenser, self.gateway, summary_model=d.summary_model,
+                                         enabled=d.enabled)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)

@@ -55,8 +55,12 @@ def _mock(upstream):
 
 SCENARIOS = {s.name: s for s in (
     Scenario("direct", "wrk -> nginx"),
-    Scenario("passthrough", "wrk -> proxy -> nginx", providers=_openai_upstream),
-    Scenario("mock", "wrk -> proxy (mock provider)", providers=_mock, needs_upstream=False),
+    # The same request over and over: the cache is off so every one goes upstream.
+    Scenario("passthrough", "wrk -> proxy -> nginx", providers=_openai_upstream,
+             proxy_config={"cache": {"enabled": False}}),
+    Scenario("cachehit", "wrk -> proxy (response cache hit)", providers=_openai_upstream),
+    Scenario("mock", "wrk -> proxy (mock provider)", providers=_mock, needs_upstream=False,
+             proxy_config={"cache": {"enabled": False}}),
     # More later, e.g. Scenario("production", ..., providers=_openai_upstream,
     # proxy_env={"ENVIRONMENT": "production"}); see bench/README.md for cache hits and streaming.
 )}
@@ -65,6 +69,8 @@ TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     ("pass-through req/s at c16", "passthrough_rps_c16", ">=", 1200, "req/s"),
     ("added p50 at c1 (proxy - direct)", "added_p50_ms_c1", "<=", 0.8, "ms"),
     ("idle RSS of the proxy", "idle_rss_mb", "<=", 60, "MB"),
+    ("cache hit req/s at c16", "cachehit_rps_c16", ">=", 4000, "req/s"),
+    ("cache hit p50 at c1", "cachehit_p50_ms_c1", "<=", 0.3, "ms"),
 )
 
 
@@ -228,6 +234,8 @@ def _summary(rows, memory) -> dict:
         return next((r for r in rows if r["scenario"] == name and r["connections"] == c), {})
     direct, through = find("direct", 1).get("p50_ms"), find("passthrough", 1).get("p50_ms")
     return {"passthrough_rps_c16": find("passthrough", 16).get("rps"),
+            "cachehit_rps_c16": find("cachehit", 16).get("rps"),
+            "cachehit_p50_ms_c1": find("cachehit", 1).get("p50_ms"),
             "added_p50_ms_c1": None if direct is None or through is None
             else round(through - direct, 3),
             "idle_rss_mb": memory.get("passthrough", memory.get("mock", {})).get("idle_rss_mb")}

@@ -52,10 +52,10 @@ def _serve(endpoint):
     stream = endpoint != "embeddings" and body.get("stream") is True
     call = Call(endpoint, body, raw, stream)
     llm_proxy, ctx = proxy(), g.ctx
-    gateway, responses = llm_proxy.gateway, llm_proxy.responses
+    upstream, responses = llm_proxy.condensation, llm_proxy.responses
     policy = responses.policy(body["model"], request.headers.get("Cache-Control", ""))
     if stream:
-        events = responses.stream(call, ctx, policy, lambda: gateway.stream(call, ctx))
+        events = responses.stream(call, ctx, policy, lambda: upstream.stream(call, ctx))
         return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-    reply = responses.complete(call, ctx, policy, lambda: gateway.complete(call, ctx))
+    reply = responses.complete(call, ctx, policy, lambda: upstream.complete(call, ctx))
     return Response(reply.body, status=reply.status, mimetype="application/json")
