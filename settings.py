@@ -118,6 +118,39 @@ class CondenseSettings:
 
 
 @dataclass
+class MemorySettings:
+    memory_threshold_mb: float = 1024.0  # past it: clean up (expire caches, collect)
+    emergency_threshold_mb: float = 1536.0  # past it: shrink caches, clear summaries, full GC
+    cleanup_interval: float = 300.0  # seconds between periodic cleanups and leak snapshots
+    sample_interval: float = 10.0  # seconds between RSS samples
+    enable_gc_tuning: bool = True  # gc.freeze() after start-up and the thresholds below
+    gc_thresholds: list[int] = field(default_factory=lambda: [50000, 20, 20])
+    leak_detection_enabled: bool = True
+    leak_snapshots: int = 5  # steady growth over this many snapshots is a suspected leak
+
+    def validate(self, path):
+        _check(self.memory_threshold_mb > 0, f"{path}.memory_threshold_mb", "must be positive")
+        _check(self.emergency_threshold_mb > self.memory_threshold_mb,
+               f"{path}.emergency_threshold_mb", "must be above memory_threshold_mb")
+        _check(self.cleanup_interval > 0 and self.sample_interval > 0, f"{path}.sample_interval",
+               "intervals must be positive")
+        _check(len(self.gc_thresholds) == 3 and all(t >= 0 for t in self.gc_thresholds),
+               f"{path}.gc_thresholds", "must be three numbers, 0 or more")
+        _check(self.leak_snapshots >= 2, f"{path}.leak_snapshots", "must be at least 2")
+
+
+@dataclass
+class ObservabilitySettings:
+    metrics_enabled: bool = True  # /metrics and the per-request counters
+    access_log: bool = True  # one line per request on stdout
+    access_log_format: str = "json"  # json or text
+
+    def validate(self, path):
+        _check(self.access_log_format in ("json", "text"), f"{path}.access_log_format",
+               f"must be json or text, got {self.access_log_format!r}")
+
+
+@dataclass
 class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
@@ -184,6 +217,8 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     condense: CondenseSettings = field(default_factory=CondenseSettings)
+    memory_manager: MemorySettings = field(default_factory=MemorySettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
     @property
@@ -205,6 +240,8 @@ class Settings:
         self.routing.validate("routing")
         self.cache.validate("cache")
         self.condense.validate("condense")
+        self.memory_manager.validate("memory_manager")
+        self.observability.validate("observability")
         names = set()
         for i, provider in enumerate(self.providers):
             provider.validate(f"providers[{i}]")
@@ -253,6 +290,13 @@ ENV_VARS = {
     "CONDENSE_ENABLED": ("condense", "enabled"),
     "CONDENSE_THRESHOLD_TOKENS": ("condense", "threshold_tokens"),
     "CONDENSE_SUMMARY_MODEL": ("condense", "summary_model"),
+    "MEMORY_THRESHOLD_MB": ("memory_manager", "memory_threshold_mb"),
+    "MEMORY_EMERGENCY_THRESHOLD_MB": ("memory_manager", "emergency_threshold_mb"),
+    "MEMORY_CLEANUP_INTERVAL": ("memory_manager", "cleanup_interval"),
+    "GC_TUNING_ENABLED": ("memory_manager", "enable_gc_tuning"),
+    "METRICS_ENABLED": ("observability", "metrics_enabled"),
+    "ACCESS_LOG_ENABLED": ("observability", "access_log"),
+    "ACCESS_LOG_FORMAT": ("observability", "access_log_format"),
 }
 
 MOCK_PROVIDER = {

@@ -8,6 +8,8 @@ import time
 
 from flask import Flask
 
+from app.metrics import NullMetrics
+
 from settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("llm_proxy")
@@ -17,10 +19,12 @@ class LLMProxy:
     """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
 
     def __init__(self, settings: Settings, *, clock=time.monotonic):
+        from app.access_log import AccessLog
         from app.breakers import BreakerBoard
         from app.bulkhead import Bulkhead
         from app.cache import Coalescer, build_caches
         from app.condense import Condensation, Condenser
+        from app.memory import MemoryManager
         from app.response_cache import ResponseCache
         from app.gateway import Gateway
         from app.providers import build_provider
@@ -28,6 +32,10 @@ class LLMProxy:
 
         self.settings = settings
         self.clock = clock
+        self.started_at = time.time()
+        self.metrics = NullMetrics()
+        o = settings.observability
+        self.access_log = AccessLog(enabled=o.access_log, fmt=o.access_log_format)
         self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
         cb = settings.circuit_breaker
         self.breakers = BreakerBoard(
@@ -54,26 +62,45 @@ class LLMProxy:
                               fallback=d.fallback, step=d.step, coalescer=Coalescer(clock=clock))
         self.condensation = Condensation(condenser, self.gateway, summary_model=d.summary_model,
                                          enabled=d.enabled)
+        m = settings.memory_manager
+        self.memory = MemoryManager(
+            self.caches, memory_threshold_mb=m.memory_threshold_mb,
+            emergency_threshold_mb=m.emergency_threshold_mb, cleanup_interval=m.cleanup_interval,
+            sample_interval=m.sample_interval, enable_gc_tuning=m.enable_gc_tuning,
+            gc_thresholds=tuple(m.gc_thresholds), leak_detection_enabled=m.leak_detection_enabled,
+            leak_snapshots=m.leak_snapshots, clock=clock)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)
 
+    def attach_metrics(self, metrics):
+        """Metrics need the Flask app; they are attached once it exists."""
+        self.metrics = self.gateway.metrics = metrics
+
     def close(self):
+        self.memory.stop()
         for adapter in self.providers:
             adapter.close()
 
 
 def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Flask:
     """The Flask app; settings come from the environment and config file when not given."""
-    if settings is None:
+    serving = settings is None  # built from the environment: a real server is starting
+    if serving:
         settings = _load_or_exit()
     from app import api
+    from app.metrics import ProxyMetrics
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.server.max_request_body_mb * 1024 * 1024)
     app.json.sort_keys = False
-    app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock)
+    llm_proxy = app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock)
     api.register(app)
+    if settings.observability.metrics_enabled:
+        llm_proxy.attach_metrics(ProxyMetrics(app, llm_proxy))
+    llm_proxy.memory.start()
+    if serving and settings.memory_manager.enable_gc_tuning:
+        llm_proxy.memory.tune_gc()  # after start-up: freeze what start-up made (process-wide)
     return app
 
 

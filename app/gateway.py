@@ -12,8 +12,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 from app.errors import (NoProviderAvailable, ProxyError, UpstreamClientError, UpstreamError,
                         UpstreamTimeout, sse_error_event)
+from app.metrics import NullMetrics
 
 log = logging.getLogger("llm_proxy.gateway")
 
@@ -35,12 +38,16 @@ class RequestContext:
     cached: object = None  # the cache Entry served
     coalesced: bool = False
     condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
+    model: str = ""  # the model the client asked for
+    usage: dict | None = None  # the upstream's token counts
 
 
 class Gateway:
     """The one place that decides which provider answers, and what happens when one fails."""
 
-    def __init__(self, router, breakers, bulkheads, admission, *, clock=time.monotonic):
+    def __init__(self, router, breakers, bulkheads, admission, *, clock=time.monotonic,
+                 metrics=None):
+        self.metrics = metrics or NullMetrics()
         self.router = router
         self.breakers = breakers  # BreakerBoard
         self.bulkheads = bulkheads  # provider name -> Bulkhead
@@ -55,11 +62,11 @@ class Gateway:
             for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
                 if not self._acquire(adapter, unavailable):
                     continue
-                outcome = NEUTRAL
+                outcome, started = NEUTRAL, self.clock()
                 try:
                     reply = adapter.send(call, model, ctx)
                     outcome = SUCCESS
-                    ctx.provider = adapter.name
+                    ctx.provider, ctx.usage = adapter.name, reply.usage
                     return reply
                 except UpstreamClientError:
                     ctx.provider = adapter.name
@@ -69,7 +76,7 @@ class Gateway:
                     failures.append(e)
                     log.warning("request %s: %s; trying the next provider", ctx.request_id, e.message)
                 finally:
-                    self._settle(adapter, outcome)
+                    self._settle(adapter, outcome, self.clock() - started)
             raise self._exhausted(call, failures, unavailable)
         finally:
             self.admission.release()
@@ -83,18 +90,19 @@ class Gateway:
         """
         self._admit_request()
         try:
-            adapter, first, events = self._open_stream(call, ctx)
+            adapter, first, events, latency = self._open_stream(call, ctx)
         except BaseException:
             self.admission.release()
             raise
-        return StreamRelay(first, events, ctx, lambda outcome: self._end_stream(adapter, outcome))
+        return StreamRelay(first, events, ctx,
+                           lambda outcome: self._end_stream(adapter, outcome, latency))
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
         for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
             if not self._acquire(adapter, unavailable):
                 continue
-            events = None
+            events, started = None, self.clock()
             try:
                 events = adapter.stream(call, model, ctx)
                 first = next(events)
@@ -105,20 +113,20 @@ class Gateway:
                 error = e
             except BaseException:
                 ctx.provider = adapter.name
-                self._settle(adapter, NEUTRAL)
+                self._settle(adapter, NEUTRAL, self.clock() - started)
                 raise
             else:
                 ctx.provider = adapter.name
-                return adapter, first, events
+                return adapter, first, events, self.clock() - started
             if events is not None:
                 events.close()
-            self._settle(adapter, error)
+            self._settle(adapter, error, self.clock() - started)
             failures.append(error)
             log.warning("request %s: %s; trying the next provider", ctx.request_id, error.message)
         raise self._exhausted(call, failures, unavailable)
 
-    def _end_stream(self, adapter, outcome):
-        self._settle(adapter, outcome)
+    def _end_stream(self, adapter, outcome, latency):
+        self._settle(adapter, outcome, latency)
         self.admission.release()
 
     def _admit_request(self):
@@ -141,8 +149,9 @@ class Gateway:
             return False
         return True
 
-    def _settle(self, adapter, outcome):
-        """Tell the breaker what the call showed and free the provider's slot."""
+    def _settle(self, adapter, outcome, seconds):
+        """Tell the breaker and the metrics what the call showed; free the provider's slot."""
+        self.metrics.upstream_call(adapter.name, seconds, outcome)
         breaker = self.breakers.get(adapter.name)
         if outcome is SUCCESS:
             breaker.record_success()
@@ -199,6 +208,8 @@ class StreamRelay:
             for event in events:
                 if ctx.client_disconnected():
                     return  # the finally closes the upstream connection
+                if b'"usage":{' in event or b'"usage": {' in event:
+                    ctx.usage = _usage(event)
                 yield event
             self._outcome = SUCCESS
         except UpstreamError as e:
@@ -216,3 +227,12 @@ class StreamRelay:
             self._ended = True
             self._events.close()
             self._on_end(self._outcome)
+
+
+def _usage(event: bytes):
+    """The usage of a stream's usage chunk (sent when the client asked include_usage)."""
+    try:
+        usage = orjson.loads(event[6:]).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None

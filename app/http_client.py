@@ -224,3 +224,14 @@ def _make_session(pool_size: int) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def combined_stats(clients) -> dict:
+    """The stats of several providers' clients added up (for /health and /metrics)."""
+    snapshots = [c.stats.snapshot() for c in clients]
+    total = sum(s["requests_total"] for s in snapshots)
+    errors = sum(s["errors_total"] for s in snapshots)
+    weighted = sum(s["avg_response_time_ms"] * s["requests_total"] for s in snapshots)
+    return {"requests_total": total, "errors_total": errors,
+            "error_rate": round(errors / total, 4) if total else 0.0,
+            "avg_response_time_ms": round(weighted / total, 2) if total else 0.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from functools import partial
 
 from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -14,14 +15,14 @@ from app.gateway import RequestContext
 
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes: no access log line
 
 
 def register(app):
-    from app.api import admin, openai, providers
+    from app.api import admin, health, metrics, openai, providers
 
-    app.register_blueprint(openai.bp)
-    app.register_blueprint(providers.bp)
-    app.register_blueprint(admin.bp)
+    for module in (openai, providers, health, metrics, admin):
+        app.register_blueprint(module.bp)
     app.before_request(_start_context)
     app.after_request(_proxy_headers)
     app.register_error_handler(ProxyError, _proxy_error)
@@ -69,7 +70,18 @@ def _proxy_headers(response):
         headers["X-Proxy-Provider"] = ctx.provider
         headers["X-Proxy-Attempts"] = str(ctx.attempts)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
+    if not request.path.startswith(_QUIET_PATHS):
+        response.call_on_close(partial(_finished, proxy(), ctx, request.method, request.path,
+                                       response.status_code, response.is_streamed))
     return response
+
+
+def _finished(llm_proxy, ctx, method, path, status, streamed):
+    """After the last byte (of a stream too): the access log line and the request's metrics."""
+    seconds = llm_proxy.clock() - ctx.started
+    llm_proxy.metrics.request_done(ctx, ctx.model, seconds, streamed)
+    llm_proxy.access_log.record(ctx, method=method, path=path, status=status, model=ctx.model,
+                                total_ms=seconds * 1000)
 
 
 def error_response(error: ProxyError) -> Response:

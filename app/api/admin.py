@@ -71,3 +71,13 @@ def clear_cache():
     return Response(orjson.dumps({"cleared": [name] if name else ["response", "summary"],
                                   "before": before, "after": caches.stats()}),
                     mimetype="application/json")
+
+
+@bp.post("/memory/cleanup")
+def memory_cleanup():
+    """Run a cleanup now (``?level=emergency`` for the hard one); before and after figures."""
+    level = request.args.get("level", "normal")
+    if level not in ("normal", "emergency"):
+        raise ProxyError(f"Unknown level {level!r}: use normal or emergency.", param="level",
+                         status=400, code="invalid_value")
+    return Response(orjson.dumps(proxy().memory.cleanup(level)), mimetype="application/json")

@@ -52,6 +52,7 @@ def _serve(endpoint):
     stream = endpoint != "embeddings" and body.get("stream") is True
     call = Call(endpoint, body, raw, stream)
     llm_proxy, ctx = proxy(), g.ctx
+    ctx.model = body["model"]
     upstream, responses = llm_proxy.condensation, llm_proxy.responses
     policy = responses.policy(body["model"], request.headers.get("Cache-Control", ""))
     if stream:

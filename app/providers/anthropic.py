@@ -45,8 +45,10 @@ class AnthropicAdapter(ProviderAdapter):
                                 provider=self.name, kind="protocol")
         created = int(self._clock())
         if call.endpoint == "completions":
-            return Reply(orjson.dumps(text_completion(message, created)))
-        return Reply(orjson.dumps(chat_completion(message, created)))
+            answer = text_completion(message, created)
+        else:
+            answer = chat_completion(message, created)
+        return Reply(orjson.dumps(answer), usage=answer.get("usage"))
 
     def stream(self, call, model, ctx):
         # The POST happens here, not in the generator: a refused request raises before the

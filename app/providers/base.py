@@ -27,6 +27,7 @@ class Reply:
     body: bytes
     status: int = 200
     headers: dict = field(default_factory=dict)
+    usage: dict | None = None  # the upstream's token counts, OpenAI-shaped
 
 
 class ProviderAdapter:

@@ -26,7 +26,8 @@ class MockAdapter(ProviderAdapter):
         ctx.attempts += 1
         self._wait(self.settings.latency_ms)
         if call.endpoint == "embeddings":
-            return Reply(orjson.dumps(self._embeddings(call, model)))
+            answer = self._embeddings(call, model)
+            return Reply(orjson.dumps(answer), usage=answer["usage"])
         text = answer_text(call)
         prompt_tokens = estimate_tokens(_prompt_text(call))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": estimate_tokens(text),
@@ -42,7 +43,7 @@ class MockAdapter(ProviderAdapter):
                     "model": model, "choices": [{
                         "index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
                     "usage": usage}
-        return Reply(orjson.dumps(body))
+        return Reply(orjson.dumps(body), usage=usage)
 
     def stream(self, call, model, ctx):
         ctx.attempts += 1

@@ -38,8 +38,9 @@ class OpenAIAdapter(ProviderAdapter):
     def send(self, call, model, ctx) -> Reply:
         response = self._post(call, model, ctx, stream=False)
         body = read_body(response, self.name)
-        parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
-        return Reply(body)
+        answer = parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        return Reply(body, usage=usage if isinstance(usage, dict) else None)
 
     def stream(self, call, model, ctx):
         return self._relay(self._post(call, model, ctx, stream=True))

@@ -1,0 +1,191 @@
+"""Prometheus metrics: the exporter's HTTP metrics plus the proxy's own, and the same as JSON.
+
+Per-request figures (upstream calls, errors, latency, tokens, stream durations, cache results)
+are counted as they happen; state (caches, breakers, in flight, memory, GC) is read from the
+components when Prometheus scrapes, so it costs nothing per request. Every label is bounded:
+providers and kinds are fixed sets, and models are capped at ``MAX_MODELS`` distinct names.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_flask_exporter import PrometheusMetrics
+
+from app.http_client import combined_stats
+
+MAX_MODELS = 200
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+PRESSURE_LEVELS = {"normal": 0, "high": 1, "critical": 2}
+
+
+class NullMetrics:
+    """What the proxy calls when metrics are off (``METRICS_ENABLED=false``): nothing."""
+
+    enabled = False
+
+    def upstream_call(self, provider, seconds, outcome):
+        pass
+
+    def request_done(self, ctx, model, seconds, streamed):
+        pass
+
+
+class ProxyMetrics:
+    """The proxy's metrics on a registry of its own (so tests can build many apps)."""
+
+    enabled = True
+
+    def __init__(self, app, llm_proxy, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.proxy = llm_proxy
+        PrometheusMetrics(app, path=None, registry=self.registry, group_by="url_rule",
+                          defaults_prefix="llm_proxy", excluded_paths=["^/metrics"])
+        r = self.registry
+        self.upstream_requests = Counter(
+            "llm_proxy_upstream_requests_total", "Calls to providers by outcome "
+            "(success, client_error, failure)", ["provider", "outcome"], registry=r)
+        self.upstream_errors = Counter(
+            "llm_proxy_upstream_errors_total", "Provider failures by kind (connect, timeout, "
+            "connection, status, protocol, truncated)", ["provider", "kind"], registry=r)
+        self.upstream_latency = Histogram(
+            "llm_proxy_upstream_latency_seconds", "Time a provider took to answer (to the first "
+            "event for streams), retries included", ["provider"], buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.tokens = Counter(
+            "llm_proxy_tokens_total", "Tokens by provider, model and type (prompt, completion), "
+            "from the upstream's usage", ["provider", "model", "type"], registry=r)
+        self.stream_duration = Histogram(
+            "llm_proxy_stream_duration_seconds", "Whole duration of streamed answers",
+            ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_results = Counter(
+            "llm_proxy_cache_results_total", "Answers by what the response cache did "
+            "(HIT, MISS, BYPASS, STALE)", ["result"], registry=r)
+        r.register(_StateCollector(llm_proxy))
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+
+    def upstream_call(self, provider, seconds, outcome):
+        """One call to a provider ended: ``outcome`` is success, neutral or the UpstreamError."""
+        if outcome == "success":
+            self.upstream_requests.labels(provider, "success").inc()
+        elif outcome == "neutral":
+            self.upstream_requests.labels(provider, "client_error").inc()
+        else:
+            self.upstream_requests.labels(provider, "failure").inc()
+            self.upstream_errors.labels(provider, outcome.kind).inc()
+        if seconds is not None:
+            self.upstream_latency.labels(provider).observe(seconds)
+
+    def request_done(self, ctx, model, seconds, streamed):
+        """A client request finished (for a stream: its last byte was sent)."""
+        if ctx.cache:
+            self.cache_results.labels(ctx.cache).inc()
+        if streamed and ctx.provider:
+            self.stream_duration.labels(ctx.provider).observe(seconds)
+        usage = ctx.usage
+        if usage and ctx.provider and ctx.cache not in ("HIT", "STALE"):
+            label = self._model_label(model)
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    self.tokens.labels(ctx.provider, label, kind).inc(count)
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        with self._lock:
+            if len(self._models) >= MAX_MODELS:
+                return "other"
+            self._models.add(model)
+        return model
+
+
+class _StateCollector:
+    """Gauges read from the components at scrape time."""
+
+    def __init__(self, llm_proxy):
+        self.proxy = llm_proxy
+
+    def collect(self):
+        p = self.proxy
+        for name, family in (("hits", "llm_proxy_cache_hits_total"),
+                             ("misses", "llm_proxy_cache_misses_total"),
+                             ("evictions", "llm_proxy_cache_evictions_total")):
+            metric = CounterMetricFamily(family.removesuffix("_total"), f"Cache {name}",
+                                         labels=["cache"])
+            for cache, stats in p.caches.stats().items():
+                metric.add_metric([cache], stats[name])
+            yield metric
+        for name, help_text in (("entries", "Entries held"), ("bytes", "Bytes held (accounted)")):
+            metric = GaugeMetricFamily(f"llm_proxy_cache_{name}", help_text, labels=["cache"])
+            for cache, stats in p.caches.stats().items():
+                metric.add_metric([cache], stats[name])
+            yield metric
+        state = GaugeMetricFamily("llm_proxy_breaker_state",
+                                  "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+                                  labels=["provider"])
+        threshold = GaugeMetricFamily("llm_proxy_breaker_threshold",
+                                      "Current failure threshold", labels=["provider"])
+        success = GaugeMetricFamily("llm_proxy_breaker_success_rate",
+                                    "Success rate over the breaker's window", labels=["provider"])
+        in_flight = GaugeMetricFamily("llm_proxy_provider_in_flight",
+                                      "Requests in flight per provider", labels=["provider"])
+        for name, snap in p.breakers.snapshot().items():
+            state.add_metric([name], BREAKER_STATES[snap["state"]])
+            threshold.add_metric([name], snap["threshold"])
+            success.add_metric([name], snap["success_rate"])
+            in_flight.add_metric([name], p.bulkheads[name].in_flight)
+        yield from (state, threshold, success, in_flight)
+        yield GaugeMetricFamily("llm_proxy_requests_in_flight", "Requests being served",
+                                value=p.admission.in_flight)
+        memory = p.memory.stats() if p.memory is not None else None
+        yield GaugeMetricFamily("llm_proxy_process_rss_bytes", "Resident memory of the process",
+                                value=_rss_bytes(memory))
+        collections = CounterMetricFamily("llm_proxy_gc_collections",
+                                          "Garbage collections by generation",
+                                          labels=["generation"])
+        for generation, stats in enumerate(gc.get_stats()):
+            collections.add_metric([str(generation)], stats["collections"])
+        yield collections
+        if memory is not None:
+            yield GaugeMetricFamily("llm_proxy_memory_pressure",
+                                    "Memory pressure: 0 normal, 1 high, 2 critical",
+                                    value=PRESSURE_LEVELS.get(memory.get("pressure"), 0))
+
+
+def _rss_bytes(memory) -> float:
+    if memory and memory.get("rss_mb") is not None:
+        return memory["rss_mb"] * 1024 * 1024
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def json_view(llm_proxy) -> dict:
+    """The figures in the seed's JSON shape (``/metrics?format=json``)."""
+    p = llm_proxy
+    with_http = [a for a in p.providers if a.http is not None]
+    caches = p.caches.stats()
+    memory = p.memory.stats() if p.memory is not None else {}
+    return {
+        "system": {"version": p.settings.version, "uptime": round(time.time() - p.started_at, 1),
+                   "pid": os.getpid(), "threads": threading.active_count(),
+                   "rss_mb": round(_rss_bytes(memory) / 1024 / 1024, 1),
+                   "requests_in_flight": p.admission.in_flight},
+        "performance": {
+            "http_client": {**combined_stats(a.http for a in with_http),
+                            "providers": {a.name: a.http.stats.snapshot() for a in with_http}},
+            "memory": memory,
+        },
+        "caches": caches,
+        "circuit_breakers": p.breakers.snapshot(),
+    }
