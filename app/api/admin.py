@@ -81,3 +81,25 @@ def memory_cleanup():
         raise ProxyError(f"Unknown level {level!r}: use normal or emergency.", param="level",
                          status=400, code="invalid_value")
     return Response(orjson.dumps(proxy().memory.cleanup(level)), mimetype="application/json")
+
+
+@bp.post("/memory/tracemalloc/<action>")
+def tracemalloc_switch(action):
+    """Start or stop tracemalloc: on demand only, it slows the proxy several-fold."""
+    memory = proxy().memory
+    if action == "start":
+        changed = memory.start_tracemalloc(frames=request.args.get("frames", 1, type=int))
+    elif action == "stop":
+        changed = memory.stop_tracemalloc()
+    else:
+        raise ProxyError(f"Unknown action {action!r}: use start or stop.", status=404,
+                         code="not_found")
+    return Response(orjson.dumps({"action": action, "changed": changed}),
+                    mimetype="application/json")
+
+
+@bp.get("/memory/tracemalloc")
+def tracemalloc_top():
+    """The allocation sites holding the most memory while tracemalloc runs."""
+    top = proxy().memory.tracemalloc_top(request.args.get("n", 20, type=int))
+    return Response(orjson.dumps({"top": top}), mimetype="application/json")
