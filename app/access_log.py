@@ -1,14 +1,15 @@
 """The access log: one line per request on stdout, JSON for machines or text for people.
 
 It carries the request id, the API key's id (never the key), model, provider, status, cache
-result, attempts, upstream and total milliseconds, and tokens. Its logger is
-``llm_proxy.access``; the line is formatted only when that logger is enabled.
+result, attempts, upstream and total milliseconds, and tokens. Lines are written straight to
+the stream under a lock: the logging module's record machinery cost about a tenth of the
+proxy's throughput on the mock provider, for nothing this log needs.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
+import threading
 
 import orjson
 
@@ -19,17 +20,11 @@ class AccessLog:
     def __init__(self, *, enabled=True, fmt="json", stream=None):
         self.enabled = enabled
         self.format = fmt
-        self.logger = logging.getLogger("llm_proxy.access")
-        self.logger.propagate = False
-        self.logger.setLevel(logging.INFO)
-        if not any(getattr(h, "access_log", False) for h in self.logger.handlers):
-            handler = logging.StreamHandler(stream or sys.stdout)
-            handler.access_log = True
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self.logger.addHandler(handler)
+        self._stream = stream
+        self._lock = threading.Lock()
 
     def record(self, ctx, *, method, path, status, model, total_ms, key_id="anonymous"):
-        if not self.enabled or not self.logger.isEnabledFor(logging.INFO):
+        if not self.enabled:
             return
         usage = ctx.usage or {}
         entry = {
@@ -43,6 +38,9 @@ class AccessLog:
         if ctx.condensed:
             entry["condensed"] = ctx.condensed
         if self.format == "json":
-            self.logger.info(orjson.dumps(entry).decode())
+            line = orjson.dumps(entry).decode() + "\n"
         else:
-            self.logger.info(" ".join(f"{k}={v}" for k, v in entry.items() if v is not None))
+            line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None) + "\n"
+        stream = self._stream or sys.stdout  # looked up late: tests and servers may swap it
+        with self._lock:  # one write per line; stdout is line-buffered on a terminal and
+            stream.write(line)  # unbuffered in the image (PYTHONUNBUFFERED)

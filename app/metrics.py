@@ -71,32 +71,41 @@ class ProxyMetrics:
         r.register(_StateCollector(llm_proxy))
         self._models: set[str] = set()
         self._lock = threading.Lock()
+        self._children: dict[tuple, object] = {}
 
     def upstream_call(self, provider, seconds, outcome):
         """One call to a provider ended: ``outcome`` is success, neutral or the UpstreamError."""
         if outcome == "success":
-            self.upstream_requests.labels(provider, "success").inc()
+            self._child(self.upstream_requests, provider, "success").inc()
         elif outcome == "neutral":
-            self.upstream_requests.labels(provider, "client_error").inc()
+            self._child(self.upstream_requests, provider, "client_error").inc()
         else:
-            self.upstream_requests.labels(provider, "failure").inc()
-            self.upstream_errors.labels(provider, outcome.kind).inc()
+            self._child(self.upstream_requests, provider, "failure").inc()
+            self._child(self.upstream_errors, provider, outcome.kind).inc()
         if seconds is not None:
-            self.upstream_latency.labels(provider).observe(seconds)
+            self._child(self.upstream_latency, provider).observe(seconds)
 
     def request_done(self, ctx, model, seconds, streamed):
         """A client request finished (for a stream: its last byte was sent)."""
         if ctx.cache:
-            self.cache_results.labels(ctx.cache).inc()
+            self._child(self.cache_results, ctx.cache).inc()
         if streamed and ctx.provider:
-            self.stream_duration.labels(ctx.provider).observe(seconds)
+            self._child(self.stream_duration, ctx.provider).observe(seconds)
         usage = ctx.usage
         if usage and ctx.provider and ctx.cache not in ("HIT", "STALE"):
             label = self._model_label(model)
             for kind in ("prompt", "completion"):
                 count = usage.get(f"{kind}_tokens")
                 if isinstance(count, int) and count > 0:
-                    self.tokens.labels(ctx.provider, label, kind).inc(count)
+                    self._child(self.tokens, ctx.provider, label, kind).inc(count)
+
+    def _child(self, metric, *labels):
+        """The labelled child, kept: prometheus_client's labels() validates and locks each call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,6 @@
 """/health in the seed's shape, /health/live and /ready, /metrics (text and JSON), access log."""
 
-import io
 import json
-import logging
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -172,13 +170,9 @@ def test_metrics_can_be_turned_off(make_app, upstream):
 
 
 @pytest.fixture
-def access_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    logger = logging.getLogger("llm_proxy.access")
-    logger.addHandler(handler)
-    yield lambda: [line for line in stream.getvalue().splitlines() if line]
-    logger.removeHandler(handler)
+def access_lines(capsys):
+    capsys.readouterr()
+    return lambda: [line for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
 def test_the_access_log_is_one_json_line_per_request_without_secrets(
