@@ -40,6 +40,7 @@ class RequestContext:
     condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
     model: str = ""  # the model the client asked for
     usage: dict | None = None  # the upstream's token counts
+    may_retry: bool = True  # retries only where no other provider is left to fall back to
 
 
 class Gateway:
@@ -59,9 +60,11 @@ class Gateway:
         self._admit_request()
         try:
             failures, unavailable = [], []
-            for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
+            candidates = self.router.candidates(call.body["model"], call.endpoint)
+            for adapter, model in candidates:
                 if not self._acquire(adapter, unavailable):
                     continue
+                ctx.may_retry = adapter is candidates[-1][0]
                 outcome, started = NEUTRAL, self.clock()
                 try:
                     reply = adapter.send(call, model, ctx)
@@ -99,9 +102,11 @@ class Gateway:
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
-        for adapter, model in self.router.candidates(call.body["model"], call.endpoint):
+        candidates = self.router.candidates(call.body["model"], call.endpoint)
+        for adapter, model in candidates:
             if not self._acquire(adapter, unavailable):
                 continue
+            ctx.may_retry = adapter is candidates[-1][0]
             events, started = None, self.clock()
             try:
                 events = adapter.stream(call, model, ctx)

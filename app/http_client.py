@@ -2,7 +2,9 @@
 
 This module is the boundary where requests/urllib3 exceptions become the proxy's own errors.
 Retries happen only where the upstream cannot have started generating: a connection that was
-never made, or an answer of 429/502/503/504 (the upstream refused; nothing is being billed).
+never made, or an answer of 429/502/503/504 (the upstream refused; nothing is being billed);
+and only on a request's last candidate provider: with another one left, the gateway falls back
+at once instead of sleeping in a worker thread to retry.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class HttpClient:
         self._expire_idle_connections()
         if stream:  # relay bytes as they come: no compression to undo
             headers = {**headers, "Accept-Encoding": "identity"}
-        for attempt in range(self.settings.retry_attempts + 1):
+        # With another provider left to try, falling back beats waiting to retry this one.
+        attempts = self.settings.retry_attempts + 1 if ctx.may_retry else 1
+        for attempt in range(attempts):
             remaining = ctx.deadline - self._clock()
             if remaining <= 0:
                 raise UpstreamTimeout("the request deadline passed before the provider answered",
@@ -131,7 +135,7 @@ class HttpClient:
 
     def _can_retry(self, attempt, ctx, response):
         """The delay before the next attempt, or None when no attempt is left in time."""
-        if attempt >= self.settings.retry_attempts:
+        if attempt >= self.settings.retry_attempts or not ctx.may_retry:
             return None
         s = self.settings
         delay = min(s.backoff_max, s.backoff_base * (2 ** attempt)) * (0.5 + self._jitter() / 2)
