@@ -268,3 +268,139 @@ def run_wrk(url: str, script: str, *, connections: int, seconds: float) -> dict:
         return statuses
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}): "
                        f"{(done.stderr or done.stdout).strip()[-500:]}")
+
+
+# -- helpers for bench/reliability.py: upstreams that fail on purpose, and counting calls ----
+
+CUSTOM_NGINX_CONF = """\
+worker_processes 1;
+master_process off;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format status_only '$status';
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+{http_extra}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /ready {{ access_log off; return 200 'ready'; }}
+        location = /v1/chat/completions {{
+            access_log {tmp}/access.log status_only;
+{chat}
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx_custom(procs: ProcessSet, tmp: str, name: str, *, chat: str,
+                       http_extra: str = "") -> tuple[str, str]:
+    """An nginx of its own (own dir under ``tmp``, pinned to the load core) whose
+    ``/v1/chat/completions`` location body is ``chat``; every call to it is logged as one line
+    (its status) in the returned access log. Returns (base URL, access log path)."""
+    home = os.path.join(tmp, name)
+    os.makedirs(home, exist_ok=True)
+    port = free_port()
+    conf = os.path.join(home, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(CUSTOM_NGINX_CONF.format(tmp=home, port=port, chat=chat, http_extra=http_extra))
+    process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", home, "-c", conf,
+                           "-e", os.path.join(home, "nginx-error.log")],
+                          log_path=os.path.join(home, "nginx.out"))
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url + "/ready", os.path.join(home, "nginx-error.log"))
+    return url, os.path.join(home, "access.log")
+
+
+def status_counts(access_log: str) -> dict[str, int]:
+    """{status: calls} from a ``status_only`` access log (empty when nothing was logged)."""
+    counts: dict[str, int] = {}
+    if os.path.exists(access_log):
+        with open(access_log) as f:
+            for line in f:
+                status = line.strip()
+                if status:
+                    counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+# A listener that accepts every connection, reads what comes and never answers: a provider that
+# hangs. It counts requests (one "R" line each in its log), keeps at most MAX open sockets
+# (closing the oldest), and exits by itself after LIFETIME seconds.
+HANG_LISTENER = r"""
+import selectors, socket, sys, time
+port, lifetime, limit = int(sys.argv[1]), float(sys.argv[2]), 2000
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen(1024)
+srv.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(srv, selectors.EVENT_READ)
+conns = []
+deadline = time.monotonic() + lifetime
+print("READY", flush=True)
+while time.monotonic() < deadline:
+    for key, _ in sel.select(timeout=0.5):
+        if key.fileobj is srv:
+            try:
+                conn, _ = srv.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ)
+            conns.append(conn)
+            if len(conns) > limit:
+                old = conns.pop(0)
+                sel.unregister(old)
+                old.close()
+            continue
+        conn = key.fileobj
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if data:
+            n = data.count(b"POST ")
+            if n:
+                sys.stdout.write("R\n" * n)
+                sys.stdout.flush()
+        else:
+            sel.unregister(conn)
+            conns.remove(conn)
+            conn.close()
+"""
+
+
+def start_hang_listener(procs: ProcessSet, tmp: str, name: str, lifetime: float) -> tuple[str, str]:
+    """A provider that accepts and never answers, pinned to the load core, gone after
+    ``lifetime`` s at the latest. Returns (base URL, log path whose "R" lines count calls)."""
+    port = free_port()
+    log_path = os.path.join(tmp, f"{name}.log")
+    process = procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-c", HANG_LISTENER,
+                           str(port), str(lifetime)], log_path=log_path)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError(f"hang listener on port {port} did not start")
+    return f"http://127.0.0.1:{port}", log_path
+
+
+def hang_calls(log_path: str) -> int:
+    """Requests the hang listener has received so far."""
+    with open(log_path) as f:
+        return sum(1 for line in f if line.strip() == "R")
