@@ -27,7 +27,7 @@ class SettingsError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    threads: int = 32
+    threads: int = 64  # each request holds one for its life: LLM calls last seconds
     connection_limit: int = 1000
     channel_timeout: int = 120
     max_request_body_mb: float = 10.0
@@ -253,7 +253,7 @@ class Settings:
 
 PRODUCTION_PROFILE = {
     "log_level": "WARNING",
-    "server": {"host": "0.0.0.0", "threads": 64, "connection_limit": 2000},
+    "server": {"host": "0.0.0.0", "threads": 128, "connection_limit": 2000},
     "http_client": {"max_connections": 5000},
     "cache": {"max_memory_mb": 1024},
 }

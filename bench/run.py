@@ -107,7 +107,7 @@ def _parse(argv):
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated, from: {', '.join(SCENARIOS)}")
     p.add_argument("--connections", default="1,16", help="wrk concurrency levels")
-    p.add_argument("--threads", type=int, default=32, help="waitress threads of the proxy (the default setting)")
+    p.add_argument("--threads", type=int, default=64, help="waitress threads of the proxy (the default setting)")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 s warm-up: a smoke check")
     p.add_argument("--source", default=services.REPO,
                    help="the proxy checkout to run (default: this one), e.g. a `git clone`")
