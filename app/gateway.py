@@ -7,6 +7,7 @@ a 429 or full is skipped without a connection attempt.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -54,6 +55,7 @@ class Gateway:
         self.bulkheads = bulkheads  # provider name -> Bulkhead
         self.admission = admission  # Bulkhead for the whole proxy
         self.clock = clock
+        self._orphans = collections.deque()  # (on_end, outcome) of streams dropped unclosed
 
     def complete(self, call, ctx):
         """A whole answer from the first candidate that gives one."""
@@ -98,7 +100,8 @@ class Gateway:
             self.admission.release()
             raise
         return StreamRelay(first, events, ctx,
-                           lambda outcome: self._end_stream(adapter, outcome, latency))
+                           lambda outcome: self._end_stream(adapter, outcome, latency),
+                           self._orphans)
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
@@ -135,6 +138,12 @@ class Gateway:
         self.admission.release()
 
     def _admit_request(self):
+        while self._orphans:
+            try:
+                on_end, outcome = self._orphans.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            on_end(outcome)
         if not self.admission.try_acquire():
             raise NoProviderAvailable(
                 f"The proxy is serving its limit of {self.admission.limit} requests; retry shortly.",
@@ -188,50 +197,65 @@ class StreamRelay:
 
     A class rather than a bare generator so that ``close()`` settles the provider even when the
     server closes the response before iterating it (an unstarted generator skips its finally).
+    Settling takes locks (breaker, bulkhead, metrics), so it never runs from a finalizer: a
+    relay dropped without ``close()`` queues its outcome in ``orphans``, which the gateway
+    settles on its next request. The event generator holds no reference to the relay, so a
+    dropped relay is freed at once, not by the cycle collector in some other code's frame.
     """
 
-    def __init__(self, first, events, ctx, on_end):
+    def __init__(self, first, events, ctx, on_end, orphans):
         self._events = events
         self._on_end = on_end
-        self._outcome = NEUTRAL
+        self._orphans = orphans
+        self._result = [NEUTRAL]  # written by the generator
         self._ended = False
-        self._gen = self._run(first, events, ctx)
+        self._gen = _relay_events(first, events, ctx, self._result)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return next(self._gen)
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self._end()
+            raise
 
     def close(self):
         self._gen.close()
         self._end()
 
-    def _run(self, first, events, ctx):
-        try:
-            yield first
-            for event in events:
-                if ctx.client_disconnected():
-                    return  # the finally closes the upstream connection
-                if b'"usage":{' in event or b'"usage": {' in event:
-                    ctx.usage = _usage(event)
-                yield event
-            self._outcome = SUCCESS
-        except UpstreamError as e:
-            self._outcome = e
-            log.warning("request %s: stream from %s failed after it began: %s",
-                        ctx.request_id, ctx.provider, e.message)
-            yield sse_error_event(e)
-        except ProxyError as e:
-            yield sse_error_event(e)
-        finally:
-            self._end()
+    def __del__(self):
+        if not self._ended:
+            self._ended = True
+            self._orphans.append((self._on_end, self._result[0]))  # deque.append takes no lock
 
     def _end(self):
         if not self._ended:
             self._ended = True
-            self._events.close()
-            self._on_end(self._outcome)
+            self._on_end(self._result[0])
+
+
+def _relay_events(first, events, ctx, result):
+    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError."""
+    try:
+        yield first
+        for event in events:
+            if ctx.client_disconnected():
+                return  # the finally closes the upstream connection
+            if b'"usage":{' in event or b'"usage": {' in event:
+                ctx.usage = _usage(event)
+            yield event
+        result[0] = SUCCESS
+    except UpstreamError as e:
+        result[0] = e
+        log.warning("request %s: stream from %s failed after it began: %s",
+                    ctx.request_id, ctx.provider, e.message)
+        yield sse_error_event(e)
+    except ProxyError as e:
+        yield sse_error_event(e)
+    finally:
+        events.close()
 
 
 def _usage(event: bytes):

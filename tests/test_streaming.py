@@ -124,3 +124,20 @@ def test_mock_provider_streams_its_configured_chunk_count(make_app):
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     events = events_of(app.test_client().post("/v1/chat/completions", json=body).data)
     assert len(events) == 4 and events[-1] == b"[DONE]"
+
+
+def test_a_stream_dropped_without_close_frees_its_slots_by_the_next_request(make_app, upstream):
+    """Settling takes locks, so a relay that was never closed is settled on the next request,
+    never from a finalizer (which could run inside code holding those locks)."""
+    import gc
+    app = make_app([provider(upstream.url)])
+    llm_proxy = app.extensions["llm_proxy"]
+    relay = app.test_client().post("/v1/chat/completions", json=CHAT).response
+    next(iter(relay))  # the stream has begun: its slots are held
+    assert llm_proxy.admission.in_flight == 1 and llm_proxy.bulkheads["up"].in_flight == 1
+    del relay
+    gc.collect()
+    assert llm_proxy.admission.in_flight == 1  # not settled from the finalizer...
+    app.test_client().post("/v1/chat/completions", json=CHAT).close()
+    assert llm_proxy.admission.in_flight == 0  # ...but by the next request
+    assert llm_proxy.bulkheads["up"].in_flight == 0
