@@ -151,6 +151,38 @@ class ObservabilitySettings:
 
 
 @dataclass
+class AuthSettings:
+    api_keys_required: bool = False  # API_KEYS_REQUIRED; without it, no key = anonymous tenant
+    api_keys: list[dict[str, object]] = field(default_factory=list)  # {id, sha256, limits...}
+    env_keys: str = field(default="", repr=False)  # PROXY_API_KEYS="id:key,...", hashed at load
+    models: list[str] = field(default_factory=list)  # default allow-list (empty: every model)
+    requests_per_minute: int = 0  # RATE_LIMIT_REQUESTS per key and for anonymous; 0: no limit
+    tokens_per_minute: int = 0
+    max_in_flight: int = 0
+    window: float = 60.0  # seconds the per-minute limits refer to
+    metrics_require_key: bool = False  # /metrics needs the admin key or a client key
+
+    def validate(self, path):
+        _check(self.window > 0, f"{path}.window", "must be positive")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_in_flight"):
+            _check(getattr(self, name) >= 0, f"{path}.{name}", "must be 0 (no limit) or more")
+        try:
+            self.key_store()
+        except ValueError as e:
+            raise SettingsError(f"{path}: {e}") from None
+
+    def key_store(self):
+        """The client keys, hashed; ValueError naming a bad entry."""
+        from app.auth import KeyStore
+
+        defaults = {"models": self.models, "requests_per_minute": self.requests_per_minute,
+                    "tokens_per_minute": self.tokens_per_minute,
+                    "max_in_flight": self.max_in_flight}
+        return KeyStore.from_config(self.api_keys, self.env_keys,
+                                    required=self.api_keys_required, defaults=defaults)
+
+
+@dataclass
 class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
@@ -218,6 +250,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     condense: CondenseSettings = field(default_factory=CondenseSettings)
     memory_manager: MemorySettings = field(default_factory=MemorySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
@@ -241,6 +274,7 @@ class Settings:
         self.cache.validate("cache")
         self.condense.validate("condense")
         self.memory_manager.validate("memory_manager")
+        self.auth.validate("auth")
         self.observability.validate("observability")
         names = set()
         for i, provider in enumerate(self.providers):
@@ -256,6 +290,7 @@ PRODUCTION_PROFILE = {
     "server": {"host": "0.0.0.0", "threads": 128, "connection_limit": 2000},
     "http_client": {"max_connections": 5000},
     "cache": {"max_memory_mb": 1024},
+    "auth": {"api_keys_required": True, "requests_per_minute": 10000},
 }
 
 # Environment variable -> (section or None, field). The seed's names are kept.
@@ -297,6 +332,11 @@ ENV_VARS = {
     "METRICS_ENABLED": ("observability", "metrics_enabled"),
     "ACCESS_LOG_ENABLED": ("observability", "access_log"),
     "ACCESS_LOG_FORMAT": ("observability", "access_log_format"),
+    "API_KEYS_REQUIRED": ("auth", "api_keys_required"),
+    "PROXY_API_KEYS": ("auth", "env_keys"),
+    "RATE_LIMIT_REQUESTS": ("auth", "requests_per_minute"),
+    "RATE_LIMIT_TOKENS": ("auth", "tokens_per_minute"),
+    "METRICS_REQUIRE_KEY": ("auth", "metrics_require_key"),
 }
 
 MOCK_PROVIDER = {

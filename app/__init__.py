@@ -24,6 +24,7 @@ class LLMProxy:
         from app.bulkhead import Bulkhead
         from app.cache import Coalescer, build_caches
         from app.condense import Condensation, Condenser
+        from app.limits import RateLimiter
         from app.memory import MemoryManager
         from app.response_cache import ResponseCache
         from app.gateway import Gateway
@@ -69,6 +70,8 @@ class LLMProxy:
             sample_interval=m.sample_interval, enable_gc_tuning=m.enable_gc_tuning,
             gc_thresholds=tuple(m.gc_thresholds), leak_detection_enabled=m.leak_detection_enabled,
             leak_snapshots=m.leak_snapshots, clock=clock)
+        self.keys = settings.auth.key_store()
+        self.limiter = RateLimiter(clock=clock, window=settings.auth.window)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)

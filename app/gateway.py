@@ -42,6 +42,8 @@ class RequestContext:
     model: str = ""  # the model the client asked for
     usage: dict | None = None  # the upstream's token counts
     may_retry: bool = True  # retries only where no other provider is left to fall back to
+    tenant: object = None  # the API key's tenant (app.auth.Tenant)
+    admission: object = None  # its rate-limit admission, released when the answer ends
 
 
 class Gateway:

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "llm-proxy.json"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+HOST_KEYS = "ops:test-client-key-0123456789"  # what an operator passes as PROXY_API_KEYS
 # Read by the proxy besides settings.ENV_VARS: the config path and the default providers' keys.
 OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -190,8 +191,9 @@ def start_image_cmd(context: Path, log_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ENV_VARS and k not in OTHER_PROXY_VARS}
-    # The image binds 0.0.0.0 (production profile); here loopback is enough.
-    env.update(image_env(), PORT=str(port), HOST="127.0.0.1")
+    # The image binds 0.0.0.0 (production profile); here loopback is enough. Production
+    # requires client keys: one is given, as an operator would.
+    env.update(image_env(), PORT=str(port), HOST="127.0.0.1", PROXY_API_KEYS=HOST_KEYS)
     (workdir,) = instruction("WORKDIR")
     assert workdir == "/app"
     (cmd,) = instruction("CMD")
@@ -223,8 +225,9 @@ def image(context, tmp_path_factory):
     """The image's CMD serving on a free port, after one request through the mock provider."""
     server = start_image_cmd(context, tmp_path_factory.mktemp("logs") / "proxy.log")
     try:
-        request = urllib.request.Request(server.url + "/v1/chat/completions",
-                                         data=json.dumps(CHAT).encode(), method="POST")
+        request = urllib.request.Request(
+            server.url + "/v1/chat/completions", data=json.dumps(CHAT).encode(), method="POST",
+            headers={"Authorization": "Bearer " + HOST_KEYS.split(":", 1)[1]})
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200
         yield server
@@ -351,7 +354,7 @@ def test_compose_sets_only_variables_the_proxy_reads():
     unknown = set(environment) - set(ENV_VARS) - OTHER_PROXY_VARS
     assert not unknown, f"the proxy does not read {sorted(unknown)}"
     assert environment["ENVIRONMENT"] == "production"
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY"):
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY", "PROXY_API_KEYS"):
         assert environment[key] == f"${{{key}:-}}", f"{key} must come from the host"
 
 
@@ -359,7 +362,8 @@ def test_the_proxy_starts_with_the_compose_environment(tmp_path, monkeypatch):
     """The values compose would give the container (host env empty) make valid settings."""
     monkeypatch.chdir(tmp_path)  # no config.yaml from the checkout
     environment = compose()["services"]["llm-proxy"]["environment"]
-    resolved = {k: interpolate(k, v, {}) for k, v in environment.items()}
+    resolved = {k: interpolate(k, v, {"PROXY_API_KEYS": HOST_KEYS})
+                for k, v in environment.items()}
     environ = {k: v for k, v in resolved.items() if v is not None}
     settings = load_settings(environ)
     assert settings.environment == "production" and settings.server.host == "0.0.0.0"
@@ -565,12 +569,12 @@ def setting(settings, var):
 def test_the_operations_doc_lists_every_variable_with_its_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the defaults without any config.yaml
     development = load_settings({})
-    production = load_settings({"ENVIRONMENT": "production"})
+    production = load_settings({"ENVIRONMENT": "production", "PROXY_API_KEYS": HOST_KEYS})
     rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
         r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", readme(), re.M)}
     assert set(rows) >= set(ENV_VARS) | OTHER_PROXY_VARS, \
         f"missing from the README table: {sorted(set(ENV_VARS) - set(rows))}"
-    for var in ENV_VARS:
+    for var in set(ENV_VARS) - {"PROXY_API_KEYS"}:  # a secret: the table says unset
         dev, prod = (cell.strip().strip("*") for cell in rows[var])
         assert dev == shown(setting(development, var)), var
         assert prod == shown(setting(production, var)), var

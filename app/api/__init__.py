@@ -70,18 +70,37 @@ def _proxy_headers(response):
         headers["X-Proxy-Provider"] = ctx.provider
         headers["X-Proxy-Attempts"] = str(ctx.attempts)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
+    if ctx.admission is not None:
+        headers.update(ctx.admission.headers())
+        if not response.is_streamed:
+            _end_admission(ctx)  # the answer is whole: free the slot, charge the tokens now
     if not request.path.startswith(_QUIET_PATHS):
         response.call_on_close(partial(_finished, proxy(), ctx, request.method, request.path,
                                        response.status_code, response.is_streamed))
     return response
 
 
+def authenticate():
+    """Before a client route: the tenant of the request's API key (401 when it has none)."""
+    g.ctx.tenant = proxy().keys.authenticate(request.headers)
+
+
+def _end_admission(ctx):
+    admission, ctx.admission = ctx.admission, None
+    tokens = (ctx.usage or {}).get("total_tokens")
+    spent = isinstance(tokens, int) and ctx.cache not in ("HIT", "STALE")  # hits cost nothing
+    admission.finish(tokens if spent else 0)
+
+
 def _finished(llm_proxy, ctx, method, path, status, streamed):
     """After the last byte (of a stream too): the access log line and the request's metrics."""
+    if ctx.admission is not None:
+        _end_admission(ctx)
     seconds = llm_proxy.clock() - ctx.started
     llm_proxy.metrics.request_done(ctx, ctx.model, seconds, streamed)
     llm_proxy.access_log.record(ctx, method=method, path=path, status=status, model=ctx.model,
-                                total_ms=seconds * 1000)
+                                total_ms=seconds * 1000,
+                                key_id=ctx.tenant.id if ctx.tenant else "anonymous")
 
 
 def error_response(error: ProxyError) -> Response:

@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Response, request
 
 from app.api import proxy
+from app.auth import presented_key
 from app.errors import ProxyError
 
 bp = Blueprint("admin", __name__, url_prefix="/debug")
@@ -24,23 +25,19 @@ class AdminDisabled(ProxyError):
     status, type, code = 403, "permission_error", "admin_disabled"
 
 
-def presented_key() -> str:
-    """The key a client sent as ``Authorization: Bearer`` or ``X-API-Key``."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("X-API-Key", "").strip()
+def is_admin_key(given: str | None) -> bool:
+    """Whether ``given`` is the admin key (false when none is configured)."""
+    expected = proxy().settings.admin_api_key
+    # Compare digests so the comparison takes the same time whatever the lengths.
+    return bool(expected and given) and hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
 
 
 @bp.before_request
 def require_admin_key():
-    expected = proxy().settings.admin_api_key
-    if not expected:
+    if not proxy().settings.admin_api_key:
         raise AdminDisabled("The /debug routes are disabled: set ADMIN_API_KEY to enable them.")
-    given = presented_key()
-    # Compare digests so the comparison takes the same time whatever the lengths.
-    if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
-                                            hashlib.sha256(expected.encode()).digest()):
+    if not is_admin_key(presented_key(request.headers)):
         raise AdminRefused("A valid admin key is required for /debug routes.",
                            headers={"WWW-Authenticate": "Bearer"})
 

@@ -8,6 +8,8 @@ from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import proxy
+from app.api.admin import is_admin_key
+from app.auth import AuthError, presented_key
 from app.errors import ProxyError
 from app.metrics import json_view
 
@@ -17,6 +19,8 @@ bp = Blueprint("metrics", __name__)
 @bp.get("/metrics")
 def metrics():
     llm_proxy = proxy()
+    if llm_proxy.settings.auth.metrics_require_key:
+        require_metrics_key(llm_proxy)
     if not llm_proxy.metrics.enabled:
         raise ProxyError("Metrics are disabled (METRICS_ENABLED=false).", status=404,
                          code="metrics_disabled")
@@ -26,3 +30,14 @@ def metrics():
     if wants_json:
         return Response(orjson.dumps(json_view(llm_proxy)), mimetype="application/json")
     return Response(llm_proxy.metrics.prometheus_text(), content_type=CONTENT_TYPE_LATEST)
+
+
+def require_metrics_key(llm_proxy):
+    """The admin key or any valid client key (a scraper gets a key of its own)."""
+    if is_admin_key(presented_key(request.headers)):
+        return
+    if not llm_proxy.keys.enabled:
+        raise AuthError("/metrics requires the admin key (no client keys are configured).")
+    tenant = llm_proxy.keys.authenticate(request.headers)
+    if tenant.anonymous:
+        raise AuthError("/metrics requires an API key.", code="missing_api_key")

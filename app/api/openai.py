@@ -5,11 +5,12 @@ from __future__ import annotations
 import orjson
 from flask import Blueprint, Response, g, request
 
-from app.api import proxy
+from app.api import authenticate, proxy
 from app.providers import Call
 from app.validation import parse_body, validate
 
 bp = Blueprint("openai", __name__)
+bp.before_request(authenticate)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -53,6 +54,8 @@ def _serve(endpoint):
     call = Call(endpoint, body, raw, stream)
     llm_proxy, ctx = proxy(), g.ctx
     ctx.model = body["model"]
+    ctx.tenant.check_model(ctx.model)
+    ctx.admission = llm_proxy.limiter.admit(ctx.tenant)
     upstream, responses = llm_proxy.condensation, llm_proxy.responses
     policy = responses.policy(body["model"], request.headers.get("Cache-Control", ""))
     if stream:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 from flask import Blueprint, Response
 
-from app.api import proxy
+from app.api import authenticate, proxy
 
 bp = Blueprint("providers", __name__)
+bp.before_request(authenticate)  # the configuration is the clients' business, not the world's
 
 
 @bp.get("/providers")
