@@ -61,6 +61,10 @@ SCENARIOS = {s.name: s for s in (
     Scenario("cachehit", "wrk -> proxy (response cache hit)", providers=_openai_upstream),
     Scenario("mock", "wrk -> proxy (mock provider)", providers=_mock, needs_upstream=False,
              proxy_config={"cache": {"enabled": False}}),
+    # GC tuning (gc.freeze and thresholds at start-up) off, to compare with "mock".
+    Scenario("mock-gc-off", "wrk -> proxy (mock provider, GC tuning off)", providers=_mock,
+             needs_upstream=False, proxy_config={"cache": {"enabled": False}},
+             proxy_env={"GC_TUNING_ENABLED": "false"}),
     # More later, e.g. Scenario("production", ..., providers=_openai_upstream,
     # proxy_env={"ENVIRONMENT": "production"}); see bench/README.md for cache hits and streaming.
 )}
