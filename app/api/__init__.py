@@ -74,8 +74,10 @@ def _proxy_headers(response):
         headers.update(ctx.admission.headers())
         if not response.is_streamed:
             _end_admission(ctx)  # the answer is whole: free the slot, charge the tokens now
-    if not request.path.startswith(_QUIET_PATHS):
-        response.call_on_close(partial(_finished, proxy(), ctx, request.method, request.path,
+    path = request.path
+    if not path.startswith("/metrics"):  # scrapes are not counted
+        rule = request.url_rule.rule if request.url_rule is not None else "none"
+        response.call_on_close(partial(_finished, proxy(), ctx, request.method, path, rule,
                                        response.status_code, response.is_streamed))
     return response
 
@@ -92,11 +94,14 @@ def _end_admission(ctx):
     admission.finish(tokens if spent else 0)
 
 
-def _finished(llm_proxy, ctx, method, path, status, streamed):
-    """After the last byte (of a stream too): the access log line and the request's metrics."""
+def _finished(llm_proxy, ctx, method, path, rule, status, streamed):
+    """After the last byte (of a stream too): the request's metrics and access log line."""
     if ctx.admission is not None:
         _end_admission(ctx)
     seconds = llm_proxy.clock() - ctx.started
+    llm_proxy.metrics.http_request(method, rule, status, seconds)
+    if path.startswith(_QUIET_PATHS):
+        return  # probes: counted, not logged
     llm_proxy.metrics.request_done(ctx, ctx.model, seconds, streamed)
     llm_proxy.access_log.record(ctx, method=method, path=path, status=status, model=ctx.model,
                                 total_ms=seconds * 1000,
