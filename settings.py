@@ -31,8 +31,10 @@ class ServerSettings:
     connection_limit: int = 1000
     channel_timeout: int = 120
     max_request_body_mb: float = 10.0
+    workers: int = 1  # waitress processes sharing the port (SO_REUSEPORT), supervised
 
     def validate(self, path):
+        _check(self.workers >= 1, f"{path}.workers", "must be at least 1")
         _check(1 <= self.port <= 65535, f"{path}.port", "must be between 1 and 65535")
         _check(self.threads >= 1, f"{path}.threads", "must be at least 1")
         _check(self.connection_limit >= 1, f"{path}.connection_limit", "must be at least 1")
@@ -183,6 +185,24 @@ class AuthSettings:
 
 
 @dataclass
+class RedisSettings:
+    url: str = ""  # REDIS_URL; empty: every store is in-process
+    prefix: str = "llmproxy:"  # keys of this deployment
+    timeout: float = 0.1  # seconds for a Redis call; slower counts as a failure
+    failure_threshold: int = 3  # Redis failures in a row before the proxy stops asking it
+    recovery_timeout: float = 5.0  # seconds before it tries Redis again
+    local_fallback_mb: float = 64.0  # the in-process caches used while Redis is away
+
+    def validate(self, path):
+        if self.url:
+            _check(self.url.startswith(("redis://", "rediss://", "unix://")), f"{path}.url",
+                   "must be a redis://, rediss:// or unix:// URL")
+        _check(self.timeout > 0 and self.recovery_timeout > 0, f"{path}.timeout",
+               "timeouts must be positive")
+        _check(self.failure_threshold >= 1, f"{path}.failure_threshold", "must be at least 1")
+
+
+@dataclass
 class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
@@ -251,6 +271,7 @@ class Settings:
     condense: CondenseSettings = field(default_factory=CondenseSettings)
     memory_manager: MemorySettings = field(default_factory=MemorySettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
@@ -275,6 +296,7 @@ class Settings:
         self.condense.validate("condense")
         self.memory_manager.validate("memory_manager")
         self.auth.validate("auth")
+        self.redis.validate("redis")
         self.observability.validate("observability")
         names = set()
         for i, provider in enumerate(self.providers):
@@ -337,6 +359,8 @@ ENV_VARS = {
     "RATE_LIMIT_REQUESTS": ("auth", "requests_per_minute"),
     "RATE_LIMIT_TOKENS": ("auth", "tokens_per_minute"),
     "METRICS_REQUIRE_KEY": ("auth", "metrics_require_key"),
+    "WORKERS": ("server", "workers"),
+    "REDIS_URL": ("redis", "url"),
 }
 
 MOCK_PROVIDER = {

@@ -27,6 +27,7 @@ class LLMProxy:
         from app.limits import RateLimiter
         from app.memory import MemoryManager
         from app.response_cache import ResponseCache
+        from app.shared import SharedState
         from app.gateway import Gateway
         from app.providers import build_provider
         from app.router import Router
@@ -38,9 +39,11 @@ class LLMProxy:
         o = settings.observability
         self.access_log = AccessLog(enabled=o.access_log, fmt=o.access_log_format)
         self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
+        self.shared = SharedState(settings, clock=clock) if settings.redis.url else None
         cb = settings.circuit_breaker
         self.breakers = BreakerBoard(
             [p.name for p in settings.providers], clock=clock,
+            storage_factory=self.shared.breaker_storage if self.shared else None,
             failure_threshold=cb.failure_threshold, recovery_timeout=cb.recovery_timeout,
             success_threshold=cb.success_threshold, adaptive=cb.adaptive_thresholds,
             window=cb.window, min_threshold=cb.min_threshold, failure_rate=cb.failure_rate,
@@ -53,10 +56,14 @@ class LLMProxy:
         self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
                                clock=clock)
         c = settings.cache
-        self.caches = build_caches(
-            max_memory_mb=c.max_memory_mb, response_size=c.response_cache_size,
+        # In-process caches; with Redis they are the small fallback behind the shared ones.
+        local_caches = build_caches(
+            max_memory_mb=settings.redis.local_fallback_mb if self.shared else c.max_memory_mb,
+            response_size=c.response_cache_size,
             response_ttl=c.response_cache_ttl, summary_size=c.summary_cache_size,
             summary_ttl=c.summary_cache_ttl, stale_ttl=c.stale_ttl, clock=clock)
+        self.caches = (self.shared.caches(local_caches, c, clock=clock) if self.shared
+                       else local_caches)
         d = settings.condense
         condenser = Condenser(self.caches.summary, threshold_tokens=d.threshold_tokens,
                               keep_last=d.keep_last, summary_max_tokens=d.summary_max_tokens,
@@ -64,14 +71,18 @@ class LLMProxy:
         self.condensation = Condensation(condenser, self.gateway, summary_model=d.summary_model,
                                          enabled=d.enabled)
         m = settings.memory_manager
-        self.memory = MemoryManager(
-            self.caches, memory_threshold_mb=m.memory_threshold_mb,
+        self.memory = MemoryManager(  # this process's memory: never the shared caches
+            local_caches, memory_threshold_mb=m.memory_threshold_mb,
             emergency_threshold_mb=m.emergency_threshold_mb, cleanup_interval=m.cleanup_interval,
             sample_interval=m.sample_interval, enable_gc_tuning=m.enable_gc_tuning,
             gc_thresholds=tuple(m.gc_thresholds), leak_detection_enabled=m.leak_detection_enabled,
             leak_snapshots=m.leak_snapshots, clock=clock)
         self.keys = settings.auth.key_store()
-        self.limiter = RateLimiter(clock=clock, window=settings.auth.window)
+        if self.shared:  # buckets shared across machines need wall-clock time
+            self.limiter = RateLimiter(self.shared.limit_store(), clock=time.time,
+                                       window=settings.auth.window)
+        else:
+            self.limiter = RateLimiter(clock=clock, window=settings.auth.window)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)
@@ -82,6 +93,8 @@ class LLMProxy:
 
     def close(self):
         self.memory.stop()
+        if self.shared:
+            self.shared.close()
         for adapter in self.providers:
             adapter.close()
 

@@ -188,6 +188,14 @@ class _StateCollector:
         for generation, stats in enumerate(gc.get_stats()):
             collections.add_metric([str(generation)], stats["collections"])
         yield collections
+        if p.shared is not None:
+            redis = p.shared.stats()
+            yield GaugeMetricFamily("llm_proxy_redis_available",
+                                    "1 while shared state is in Redis, 0 while local",
+                                    value=1 if redis["state"] == "closed" else 0)
+            yield CounterMetricFamily("llm_proxy_redis_fallbacks",
+                                      "Operations served locally because Redis was away",
+                                      value=redis["fallbacks"])
         if memory is not None:
             yield GaugeMetricFamily("llm_proxy_memory_pressure",
                                     "Memory pressure: 0 normal, 1 high, 2 critical",
@@ -218,4 +226,5 @@ def json_view(llm_proxy) -> dict:
         },
         "caches": caches,
         "circuit_breakers": p.breakers.snapshot(),
+        **({"redis": p.shared.stats()} if p.shared is not None else {}),
     }

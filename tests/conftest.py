@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import uuid
 
 import pytest
+import redis
 from waitress.server import create_server
 
 from app import create_app
@@ -86,3 +89,35 @@ class FakeClock:
 
     def advance(self, seconds):
         self.now += seconds
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The test Redis: skipped when unreachable, except in CI (CI=true), where that fails."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable in CI: {e}")
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable ({e}); set TEST_REDIS_URL")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url):
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHDB)."""
+    prefix = f"llmproxy-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+

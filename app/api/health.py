@@ -2,7 +2,9 @@
 
 Status rules: ``unhealthy`` (HTTP 503) when no provider can serve or memory is critical;
 ``warning`` (HTTP 200) when a check warns (a breaker open, memory past its threshold, an
-upstream error rate over 10% across at least 20 calls); ``healthy`` otherwise.
+upstream error rate over 10% across at least 20 calls, Redis unreachable while the proxy
+serves from its local stores); ``healthy`` otherwise. The ``redis`` check is there only
+with ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def health():
     checks = {"providers": _providers(llm_proxy), "memory": _memory(llm_proxy),
               "cache": _cache(llm_proxy), "http_client": _http_client(llm_proxy),
               "circuit_breakers": _breakers(llm_proxy)}
+    if llm_proxy.shared is not None:
+        checks["redis"] = _redis(llm_proxy)
     status = max((c["status"] for c in checks.values()), key=_RANK.__getitem__)
     body = {"status": status, "timestamp": time.time(), "version": llm_proxy.settings.version,
             "uptime": round(time.time() - llm_proxy.started_at, 1), "checks": checks}
@@ -88,6 +92,12 @@ def _breakers(llm_proxy):
     closed = states.count("closed")
     return {"status": "healthy" if closed == len(states) else "warning", "total": len(states),
             "open": len(states) - closed, "closed": closed}
+
+
+def _redis(llm_proxy):
+    """Only with REDIS_URL: a warning while the proxy serves from its local stores."""
+    stats = llm_proxy.shared.stats()
+    return {"status": "healthy" if stats["state"] == "closed" else "warning", **stats}
 
 
 def _json(body, status):
