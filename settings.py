@@ -309,7 +309,7 @@ class Settings:
 
 PRODUCTION_PROFILE = {
     "log_level": "WARNING",
-    "server": {"host": "0.0.0.0", "threads": 128, "connection_limit": 2000},
+    "server": {"host": "0.0.0.0", "threads": 256, "connection_limit": 2000},
     "http_client": {"max_connections": 5000},
     "cache": {"max_memory_mb": 1024},
     "auth": {"api_keys_required": True, "requests_per_minute": 10000},
