@@ -22,10 +22,12 @@ class SharedState:
             failure_threshold=r.failure_threshold, recovery_timeout=r.recovery_timeout)
         # A slot lease outlives any request, so a crashed process's slots come back.
         self._lease = max(600.0, 2 * settings.http_client.deadline)
+        self._clock = clock
 
     def breaker_storage(self, name):
         """pybreaker storage for one provider's breaker, namespaced, falling back in memory."""
-        return redis_breaker_storage(self.client, name, self.prefix, guard=self.guard)
+        return redis_breaker_storage(self.client, name, self.prefix, guard=self.guard,
+                                     clock=self._clock)
 
     def caches(self, local: CacheSet, cache_settings, *, clock=time.monotonic) -> CacheSet:
         """The response and summary caches in Redis, each over its local fallback; entries come

@@ -208,7 +208,7 @@ def test_a_breaker_opened_in_one_process_is_open_in_another(redis_url, prefix):
         boards.append(BreakerBoard(
             ["openai"], clock=FakeClock(), failure_threshold=2, adaptive=False,
             storage_factory=lambda name: redis_breaker_storage(client, name, prefix,
-                                                               guard=guard)))
+                                                               guard=guard, max_age=0)))
     one, other = boards[0].get("openai"), boards[1].get("openai")
     for _ in range(2):
         assert one.allow()
