@@ -64,11 +64,7 @@ class Gateway:
         self._admit_request()
         try:
             failures, unavailable = [], []
-            candidates = self.router.candidates(call.body["model"], call.endpoint)
-            for adapter, model in candidates:
-                if not self._acquire(adapter, unavailable):
-                    continue
-                ctx.may_retry = adapter is candidates[-1][0]
+            for adapter, model in self._attempts(call, ctx, unavailable):
                 outcome, started = NEUTRAL, self.clock()
                 try:
                     reply = adapter.send(call, model, ctx)
@@ -107,11 +103,7 @@ class Gateway:
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
-        candidates = self.router.candidates(call.body["model"], call.endpoint)
-        for adapter, model in candidates:
-            if not self._acquire(adapter, unavailable):
-                continue
-            ctx.may_retry = adapter is candidates[-1][0]
+        for adapter, model in self._attempts(call, ctx, unavailable):
             events, started = None, self.clock()
             try:
                 events = adapter.stream(call, model, ctx)
@@ -134,6 +126,16 @@ class Gateway:
             failures.append(error)
             log.warning("request %s: %s; trying the next provider", ctx.request_id, error.message)
         raise self._exhausted(call, failures, unavailable)
+
+    def _attempts(self, call, ctx, unavailable):
+        """The candidates that may be tried now, in order, each holding its slots; the ones
+        skipped are noted in ``unavailable``. Only the last candidate may retry in place."""
+        candidates = self.router.candidates(call.body["model"], call.endpoint)
+        last = candidates[-1][0]
+        for adapter, model in candidates:
+            if self._acquire(adapter, unavailable):
+                ctx.may_retry = adapter is last
+                yield adapter, model
 
     def _end_stream(self, adapter, outcome, latency):
         self._settle(adapter, outcome, latency)
