@@ -40,13 +40,13 @@ def _never_disconnected():
 
 
 def _start_context():
-    clock = proxy().clock
+    llm_proxy = proxy()
     incoming = request.headers.get("X-Request-ID", "")
-    started = clock()
+    started = llm_proxy.clock()
     g.ctx = RequestContext(
         request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
         started=started,
-        deadline=started + proxy().settings.http_client.deadline,
+        deadline=started + llm_proxy.settings.http_client.deadline,
         client_disconnected=request.environ.get("waitress.client_disconnected",
                                                 _never_disconnected))
 
@@ -55,6 +55,7 @@ def _proxy_headers(response):
     ctx = g.get("ctx")
     if ctx is None:
         return response
+    llm_proxy = proxy()
     headers = response.headers
     headers["X-Request-ID"] = ctx.request_id
     if ctx.cache:
@@ -66,7 +67,7 @@ def _proxy_headers(response):
     if ctx.condensed:
         headers["X-Proxy-Condensed"] = ctx.condensed
     if ctx.attempts or ctx.provider:
-        overhead = (proxy().clock() - ctx.started - ctx.upstream_seconds) * 1000
+        overhead = (llm_proxy.clock() - ctx.started - ctx.upstream_seconds) * 1000
         headers["X-Proxy-Provider"] = ctx.provider
         headers["X-Proxy-Attempts"] = str(ctx.attempts)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
@@ -77,7 +78,7 @@ def _proxy_headers(response):
     path = request.path
     if not path.startswith("/metrics"):  # scrapes are not counted
         rule = request.url_rule.rule if request.url_rule is not None else "none"
-        response.call_on_close(partial(_finished, proxy(), ctx, request.method, path, rule,
+        response.call_on_close(partial(_finished, llm_proxy, ctx, request.method, path, rule,
                                        response.status_code, response.is_streamed))
     return response
 
