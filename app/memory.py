@@ -47,6 +47,8 @@ import tracemalloc
 from collections import Counter, deque
 from typing import Callable, Iterable
 
+from app import malloc
+
 log = logging.getLogger("llm_proxy.memory")
 
 MB = 1024 * 1024
@@ -110,6 +112,7 @@ class MemoryManager:
         system_reader: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        heap_trim: Callable[[], object] = malloc.trim,
         gc_module=gc,
         object_counter: Callable[[], dict[str, int]] | None = None,
     ):
@@ -152,6 +155,7 @@ class MemoryManager:
         self._wall = wall_clock
         self._gc = gc_module
         self._count_objects = object_counter or (lambda: count_objects(gc_module))
+        self._trim = heap_trim
 
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -213,6 +217,7 @@ class MemoryManager:
         if periodic:
             # A pressure cleanup has just expired the caches: no need to walk them again.
             expired = result["cleanup"]["expired"] if action else self._expire()
+            self._trim()  # what the caches and collections freed goes back to the system
             with self._lock:
                 self._periodic_runs += 1
                 self._periodic_expired += expired
@@ -269,6 +274,7 @@ class MemoryManager:
             cleared = len(self.caches.get("summary"))
             self.caches.clear("summary")
         collected = self._gc.collect() if level == "emergency" else self._gc.collect(1)
+        self._trim()
         after = self._figures()
         result = {
             "level": level,

@@ -218,7 +218,10 @@ def main() -> int:
     """``python -m app.workers``: a worker when ``WORKER_INDEX`` is set; else ``WORKERS`` of
     them under a supervisor, or this process alone when WORKERS is 1."""
     environ = dict(os.environ)
-    from app import configure_logging, create_app
+    from app import configure_logging, create_app, malloc
+
+    # Before any thread starts (see app/malloc.py); glibc's own MALLOC_ARENA_MAX overrides.
+    malloc.limit_arenas(2)
 
     if WORKER_INDEX in environ:
         serve_worker(create_app())
