@@ -42,6 +42,13 @@ class Scenario:
     body: dict = field(default_factory=lambda: dict(CHAT_BODY))
     path: str = "/v1/chat/completions"
     needs_upstream: bool = True
+    headers: dict = field(default_factory=dict)  # sent with every request (an API key)
+
+
+BENCH_KEY = "sk-bench-0123456789abcdef0123"
+BENCH_AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+PRODUCTION_ENV = {"ENVIRONMENT": "production", "THREADS": "256", "HOST": "127.0.0.1",
+                  "PROXY_API_KEYS": f"bench:{BENCH_KEY}", "RATE_LIMIT_REQUESTS": "100000000"}
 
 
 def _openai_upstream(upstream):
@@ -61,6 +68,14 @@ SCENARIOS = {s.name: s for s in (
     Scenario("cachehit", "wrk -> proxy (response cache hit)", providers=_openai_upstream),
     Scenario("mock", "wrk -> proxy (mock provider)", providers=_mock, needs_upstream=False,
              proxy_config={"cache": {"enabled": False}}),
+    # Everything on: the production profile (256 threads, API keys required and checked, rate
+    # limits checked (set high enough not to refuse the load), metrics, the JSON access log,
+    # breakers, bulkheads, caches and the memory manager).
+    Scenario("prod-passthrough", "wrk -> proxy -> nginx, production profile",
+             providers=_openai_upstream, proxy_env=PRODUCTION_ENV,
+             proxy_config={"cache": {"enabled": False}}, headers=BENCH_AUTH),
+    Scenario("prod-cachehit", "wrk -> proxy (cache hit), production profile",
+             providers=_openai_upstream, proxy_env=PRODUCTION_ENV, headers=BENCH_AUTH),
     # GC tuning (gc.freeze and thresholds at start-up) off, to compare with "mock".
     Scenario("mock-gc-off", "wrk -> proxy (mock provider, GC tuning off)", providers=_mock,
              needs_upstream=False, proxy_config={"cache": {"enabled": False}},
@@ -75,6 +90,12 @@ TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     ("idle RSS of the proxy", "idle_rss_mb", "<=", 60, "MB"),
     ("cache hit req/s at c16", "cachehit_rps_c16", ">=", 4000, "req/s"),
     ("cache hit p50 at c1", "cachehit_p50_ms_c1", "<=", 0.3, "ms"),
+    ("production: pass-through req/s at c16", "prod_passthrough_rps_c16", ">=", 1200, "req/s"),
+    ("production: added p50 at c1", "prod_added_p50_ms_c1", "<=", 0.8, "ms"),
+    ("production: pass-through p99/p50 at c16", "prod_p99_over_p50_c16", "<=", 3, "x"),
+    ("production: cache hit req/s at c16", "prod_cachehit_rps_c16", ">=", 3500, "req/s"),
+    ("production: cache hit p50 at c1", "prod_cachehit_p50_ms_c1", "<=", 0.35, "ms"),
+    ("production: idle RSS", "prod_idle_rss_mb", "<=", 60, "MB"),
 )
 
 
@@ -158,10 +179,11 @@ def measure(args) -> dict:
                     procs, tmp, name, scenario.providers(upstream), threads=args.threads,
                     env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
                 url = proxy.url
-            _check_answer(url + scenario.path, scenario.body)  # also the "one request" for RSS
+            _check_answer(url + scenario.path, scenario.body, scenario.headers)  # and for RSS
             if proxy:
                 memory[name] = {"idle_rss_mb": _rss_mb(proxy.process.pid)}
-            script = services.write_wrk_script(tmp, name, scenario.body)
+            script = services.write_wrk_script(tmp, name, scenario.body,
+                                               headers=scenario.headers)
             for c in args.connections:
                 rows.append(_measure_row(args, procs, scenario, proxy, url, script, c))
             if proxy:
@@ -197,7 +219,8 @@ def _measure_row(args, procs, scenario, proxy, url, script, connections) -> dict
             break
     if best["errors"]:
         script = services.write_wrk_script(os.path.dirname(script), scenario.name,
-                                           scenario.body, statuses=True)
+                                           scenario.body, statuses=True,
+                                           headers=scenario.headers)
         best["failure_sample"] = services.run_wrk(target, script, connections=connections,
                                                   seconds=2)
         print(f"bench: {scenario.name} c={connections} had {best['errors']} errors; statuses in"
@@ -206,9 +229,9 @@ def _measure_row(args, procs, scenario, proxy, url, script, connections) -> dict
     return best
 
 
-def _check_answer(url, body):
+def _check_answer(url, body, headers=None):
     """One request before the load: the target must answer 200 with a chat completion."""
-    status, data = services.request(url, body)
+    status, data = services.request(url, body, headers=headers)
     if json.loads(data).get("object") != "chat.completion":
         raise RuntimeError(f"{url} answered {status} without a chat.completion: {data[:200]!r}")
 
@@ -237,7 +260,17 @@ def _summary(rows, memory) -> dict:
     def find(name, c):
         return next((r for r in rows if r["scenario"] == name and r["connections"] == c), {})
     direct, through = find("direct", 1).get("p50_ms"), find("passthrough", 1).get("p50_ms")
-    return {"passthrough_rps_c16": find("passthrough", 16).get("rps"),
+    prod = find("prod-passthrough", 1).get("p50_ms")
+    prod16 = find("prod-passthrough", 16)
+    return {"prod_idle_rss_mb": memory.get("prod-passthrough", {}).get("idle_rss_mb"),
+            "prod_passthrough_rps_c16": prod16.get("rps"),
+            "prod_added_p50_ms_c1": None if direct is None or prod is None
+            else round(prod - direct, 3),
+            "prod_p99_over_p50_c16": round(prod16["p99_ms"] / prod16["p50_ms"], 2)
+            if prod16.get("p50_ms") else None,
+            "prod_cachehit_rps_c16": find("prod-cachehit", 16).get("rps"),
+            "prod_cachehit_p50_ms_c1": find("prod-cachehit", 1).get("p50_ms"),
+            "passthrough_rps_c16": find("passthrough", 16).get("rps"),
             "cachehit_rps_c16": find("cachehit", 16).get("rps"),
             "cachehit_p50_ms_c1": find("cachehit", 1).get("p50_ms"),
             "added_p50_ms_c1": None if direct is None or through is None

@@ -171,7 +171,7 @@ def start_proxy(procs: ProcessSet, tmp: str, name: str, providers: list[dict], *
     process = procs.start(["taskset", "-c", PROXY_CORE, sys.executable, "wsgi.py"],
                           log_path=log_path, env=proxy_env, cwd=source)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + "/v1/models", log_path)
+    wait_ready(process, url + "/health/live", log_path)  # needs no API key
     return Proxy(process, url)
 
 
@@ -193,10 +193,11 @@ def wait_ready(process, url, log_path, *, post=False, timeout=20.0):
     raise RuntimeError(f"{url} did not become ready (exit code {process.poll()}):\n{tail}")
 
 
-def request(url, body=None, timeout=5.0) -> tuple[int, bytes]:
+def request(url, body=None, timeout=5.0, headers=None) -> tuple[int, bytes]:
     """One GET (or POST of ``body`` as JSON); raises on a non-2xx status."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as response:
         return response.status, response.read()
 
@@ -243,11 +244,13 @@ end
 """
 
 
-def write_wrk_script(tmp: str, name: str, body: dict, *, statuses=False) -> str:
+def write_wrk_script(tmp: str, name: str, body: dict, *, statuses=False, headers=None) -> str:
     path = os.path.join(tmp, f"wrk-{name}{'-statuses' if statuses else ''}.lua")
     with open(path, "w") as f:
         template = WRK_STATUS_SCRIPT if statuses else WRK_SCRIPT
         f.write(template.format(body=json.dumps(body, separators=(",", ":"))))
+        for key, value in (headers or {}).items():
+            f.write(f'wrk.headers["{key}"] = "{value}"\n')
     return path
 
 
@@ -404,3 +407,150 @@ def hang_calls(log_path: str) -> int:
     """Requests the hang listener has received so far."""
     with open(log_path) as f:
         return sum(1 for line in f if line.strip() == "R")
+
+
+# -- helpers for bench/streaming.py and bench/soak.py ---------------------------------------
+
+# A streaming OpenAI-compatible upstream (asyncio, one process, keep-alive HTTP/1.1). POST
+# /v1/chat/completions answers the fixed CHAT_COMPLETION unless the body has "stream": true;
+# then N `chat.completion.chunk` events, DELAY ms apart, chunked transfer encoding, and
+# `data: [DONE]`. N and DELAY come from the model name `sse-<N>-<DELAY>` (the proxy passes the
+# model through untouched; default 5 chunks, no delay). With no delay every event is still its
+# own HTTP chunk, all written at once (what the proxy must relay is then only its own cost).
+# GET /ready answers 200. It exits by itself after LIFETIME seconds.
+SSE_UPSTREAM = r"""
+import asyncio, json, sys, time
+port, lifetime = int(sys.argv[1]), float(sys.argv[2])
+COMPLETION = sys.argv[3].encode()
+
+def event(i, n, model):
+    delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
+    body = json.dumps({"id": "chatcmpl-sse", "object": "chat.completion.chunk",
+                       "created": 1700000000, "model": model, "choices": [{
+                           "index": 0, "delta": delta, "logprobs": None,
+                           "finish_reason": "stop" if i == n - 1 else None}]},
+                      separators=(",", ":")).encode()
+    return frame(b"data: " + body + b"\n\n")
+
+def frame(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n")
+TAIL = frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+def plain(status, ctype, body):
+    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+            % (status, ctype, len(body))) + body
+
+def shape(model):
+    parts = model.split("-")
+    try:
+        return max(1, int(parts[1])), max(0.0, float(parts[2]) / 1000)
+    except (IndexError, ValueError):
+        return 5, 0.0
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            method, path = lines[0].split(b" ")[:2]
+            length, close = 0, False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            body = await reader.readexactly(length) if length else b""
+            if path == b"/ready":
+                writer.write(plain(200, b"text/plain", b"ready"))
+            elif method == b"POST" and path == b"/v1/chat/completions":
+                try:
+                    req = json.loads(body or b"{}")
+                except ValueError:
+                    req = {}
+                if req.get("stream"):
+                    model = str(req.get("model", ""))
+                    n, delay = shape(model)
+                    if delay <= 0:
+                        writer.write(HEAD + b"".join(event(i, n, model) for i in range(n)) + TAIL)
+                    else:
+                        writer.write(HEAD + event(0, n, model))
+                        await writer.drain()
+                        start = time.monotonic()
+                        for i in range(1, n):
+                            await asyncio.sleep(max(0.0, start + i * delay - time.monotonic()))
+                            writer.write(event(i, n, model))
+                            await writer.drain()
+                        writer.write(TAIL)
+                else:
+                    writer.write(plain(200, b"application/json", COMPLETION))
+            else:
+                writer.write(plain(404, b"application/json", b'{"error":{"message":"no"}}'))
+            await writer.drain()
+            if close:
+                break
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    print("READY", flush=True)
+    async with server:
+        await asyncio.sleep(lifetime)
+
+asyncio.run(main())
+"""
+
+
+def start_sse_upstream(procs: ProcessSet, tmp: str, name: str = "sse-upstream", *,
+                       lifetime: float = 3600.0) -> str:
+    """The asyncio SSE upstream (``SSE_UPSTREAM``) pinned to the load core; its base URL."""
+    port = free_port()
+    log_path = os.path.join(tmp, f"{name}.log")
+    process = procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-c", SSE_UPSTREAM,
+                           str(port), str(lifetime), CHAT_COMPLETION], log_path=log_path)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url + "/ready", log_path)
+    return url
+
+
+def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env: dict,
+                    source: str = REPO, ready_path: str = "/health/live") -> Proxy:
+    """``python wsgi.py`` pinned to the proxy core with ``config`` as its YAML and exactly the
+    proxy settings in ``env`` (plus PROXY_CONFIG, PORT): unlike ``start_proxy`` it sets neither
+    THREADS nor LOG_LEVEL, so a profile (e.g. ENVIRONMENT=production) keeps its own values.
+    Readiness is polled on ``ready_path`` (no API key needed there)."""
+    port = free_port()
+    config_path = os.path.join(tmp, f"proxy-{name}.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    from settings import ENV_VARS
+    proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
+                      "PYTHONUNBUFFERED": "1"})
+    proxy_env.update(env)
+    log_path = os.path.join(tmp, f"proxy-{name}.log")
+    process = procs.start(["taskset", "-c", PROXY_CORE, sys.executable, "wsgi.py"],
+                          log_path=log_path, env=proxy_env, cwd=source)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url + ready_path, log_path)
+    return Proxy(process, url)
+
+
+def proc_counts(pid: int) -> dict:
+    """RSS (MB), threads and open fds of a process, from /proc (cheap: no psutil object)."""
+    rss_kb = threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss_kb = int(line.split()[1])
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return {"rss_mb": round(rss_kb / 1024, 2), "threads": threads,
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
