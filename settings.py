@@ -125,7 +125,7 @@ class MemorySettings:
     emergency_threshold_mb: float = 1536.0  # past it: shrink caches, clear summaries, full GC
     cleanup_interval: float = 300.0  # seconds between periodic cleanups and leak snapshots
     sample_interval: float = 10.0  # seconds between RSS samples
-    enable_gc_tuning: bool = True  # gc.freeze() after start-up and the thresholds below
+    enable_gc_tuning: bool = False  # gc.freeze() + the thresholds below: measured, no gain
     gc_thresholds: list[int] = field(default_factory=lambda: [50000, 20, 20])
     leak_detection_enabled: bool = True
     leak_snapshots: int = 5  # steady growth over this many snapshots is a suspected leak

@@ -102,6 +102,8 @@ def _parse(argv):
     p.add_argument("--sample", type=float, default=5.0, help="seconds between CSV rows (5)")
     p.add_argument("--source", default=services.REPO, help="the proxy checkout to run")
     p.add_argument("--output", default="soak", help="results name in bench/results (soak)")
+    p.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the proxy, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     args = p.parse_args(argv)
     args.argv = argv
     if not (0.5 <= args.minutes <= 24 * 60 and 0 <= args.rate <= 20000
@@ -111,6 +113,8 @@ def _parse(argv):
                 "--max-seconds 3-120, --sample 1-60")
     if not args.output.replace("-", "").replace("_", "").isalnum():
         p.error("--output takes a plain file name")
+    if any("=" not in e or not e.split("=", 1)[0] for e in args.proxy_env):
+        p.error("--proxy-env takes NAME=VALUE")
     args.source = os.path.abspath(args.source)
     if not os.path.exists(os.path.join(args.source, "wsgi.py")):
         p.error(f"--source {args.source}: no wsgi.py there")
@@ -445,6 +449,10 @@ class Sampler(threading.Thread):
 def run(args) -> dict:
     key = secrets.token_hex(16)  # 32 characters
     env, env_notes = proxy_env(key)
+    for item in args.proxy_env:
+        name, value = item.split("=", 1)
+        env[name] = value
+        env_notes.append(item)
     seconds = args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="llm-proxy-soak-") as tmp, \
             services.ProcessSet() as procs:
