@@ -6,8 +6,8 @@ the state machine's state and counters in its storage (``CircuitMemoryStorage`` 
 ``CircuitRedisStorage`` can be passed as ``storage=`` to share state between processes). Calls
 are never routed through it:
 
-- ``breaker.call()`` and the decorator hold the breaker's lock for the whole call, so concurrent
-  requests to one provider would run one at a time.
+- pybreaker's ``call`` method and its decorator hold the breaker's lock for the whole call, so
+  concurrent requests to one provider would run one at a time.
 - ``with breaker.calling():`` does release the lock before the block runs, but it still does not
   fit: it lets every caller through in half-open (we bound the trials), times recovery with
   ``datetime.now(UTC)`` (we follow the injected clock), judges the outcome by whether the block
