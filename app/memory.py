@@ -14,27 +14,15 @@ the caches and (with leak detection on) takes a leak snapshot.
 Freed memory does not always lower the RSS: CPython keeps its small-object arenas and glibc its
 heap until whole pages are free, so ``cleanup()`` reports the RSS before and after as measured.
 
-Leak detection. A snapshot records the RSS and the number of GC-tracked objects of each type.
-A leak is suspected when the RSS, or some type's count, grew in each of the last
-``leak_snapshots`` snapshots by more than a small tolerance (``leak_tolerance_mb`` for the RSS;
-``max(leak_min_growth, leak_growth_ratio * count)`` objects for a type). Only containers and
-class instances are GC-tracked: a leak of bare ``str``/``bytes`` shows in the RSS and in the
-containers that hold them, not as its own type. A cache that is still filling up also grows
-steadily until it is full. Objects frozen by ``tune_gc()`` (the start-up objects) are not
-counted, which is what we want: growth happens after start-up.
+Leak detection (``app/leaks.py``): a snapshot records the RSS and the number of GC-tracked
+objects of each type; steady growth across ``leak_snapshots`` snapshots is a suspected leak.
+Bare ``str``/``bytes`` are not GC-tracked: their leak shows in the RSS and in their containers.
 
-Costs, measured with ``timeit`` in a process holding a freshly built app (CPython 3.11,
-psutil 7.2, a busy 2-core machine): ``Process().memory_info().rss`` about 9 us,
-``psutil.virtual_memory()`` about 25 us, ``stats()`` about 60 us, one ``check()`` that takes no
-action (default readers, normal pressure) about 12 us. One object-count snapshot
-(``count_objects``, best of 5 x 20 runs) takes 2-3 ms for the ~37,000 GC-tracked objects present
-before ``gc.freeze()``, about 60 ns per object, so roughly 60 ms at a million objects; after
-``tune_gc()`` froze the start-up objects it counts only later ones (microseconds on an idle
-app). That is negligible once per ``cleanup_interval`` (300 s), so snapshots run at that rate
-and not every ``sample_interval``. An emergency cleanup's full ``gc.collect()`` took 12-24 ms
-unfrozen and well under 1 ms frozen. tracemalloc
-cuts throughput about 4x with one frame: it runs only between ``start_tracemalloc()`` and
-``stop_tracemalloc()``.
+Costs (``timeit``, CPython 3.11, a busy 2-core machine): ``memory_info().rss`` about 9 us,
+``virtual_memory()`` about 25 us, ``stats()`` about 60 us, an idle ``check()`` about 12 us;
+one object-count snapshot 2-3 ms for ~37,000 objects (about 60 ns each), so snapshots run once
+per ``cleanup_interval`` (300 s), not every ``sample_interval``. tracemalloc cuts throughput
+about 4x with one frame: it runs only on demand (``app/leaks.py``, ``/debug/memory``).
 """
 
 from __future__ import annotations
@@ -43,11 +31,11 @@ import gc
 import logging
 import threading
 import time
-import tracemalloc
-from collections import Counter, deque
-from typing import Callable, Iterable
+from collections import deque
+from typing import Callable
 
 from app import malloc
+from app.leaks import count_objects, leak_report, no_leak, tracemalloc_stats
 
 log = logging.getLogger("llm_proxy.memory")
 
@@ -58,21 +46,6 @@ HIGH = "high"
 CRITICAL = "critical"
 
 _CLEANUP_FOR = {HIGH: "normal", CRITICAL: "emergency"}
-
-
-def count_objects(gc_module=gc) -> dict[str, int]:
-    """{type name: number of GC-tracked objects of that type}; frozen objects are not seen.
-
-    Builtin types go by their bare name ("dict"), others as "module.QualName". One pass over
-    ``gc.get_objects()`` counted in C (``Counter(map(type, ...))``): about 2 ms per 37,000
-    objects here, half the cost of counting ``type(o).__name__`` in a Python loop.
-    """
-    by_type = Counter(map(type, gc_module.get_objects()))
-    counts: dict[str, int] = {}
-    for kind, n in by_type.items():
-        name = _type_name(kind)
-        counts[name] = counts.get(name, 0) + n
-    return counts
 
 
 class MemoryManager:
@@ -172,7 +145,7 @@ class MemoryManager:
         self._last_cleanup_at: float | None = None
         self._snapshots: deque[tuple[float, int, dict[str, int]]] = deque(
             maxlen=self.leak_snapshots + 1)
-        self._leak = _no_leak()
+        self._leak = no_leak()
         self._saved_thresholds: tuple[int, int, int] | None = None
 
     # -- one tick --------------------------------------------------------------------------
@@ -337,23 +310,10 @@ class MemoryManager:
                         or "none")
         return leak
 
-    def _leak_report(self, snaps: list[tuple[float, int, dict[str, int]]]) -> dict:
-        report = {**_no_leak(), "snapshots": len(snaps),
-                  "rss_trend_mb_per_min": _slope_per_min(snaps)}
-        if len(snaps) < self.leak_snapshots + 1:
-            return report
-        tolerance = self.leak_tolerance_mb * MB
-        rss_growing = all(b[1] - a[1] > tolerance for a, b in zip(snaps, snaps[1:]))
-        growing = []
-        for name, last in snaps[-1][2].items():
-            series = [s[2].get(name, 0) for s in snaps]
-            if all(b - a > max(self.leak_min_growth, self.leak_growth_ratio * a)
-                   for a, b in zip(series, series[1:])):
-                growing.append({"type": name, "count": last, "growth": last - series[0]})
-        growing.sort(key=lambda t: t["growth"], reverse=True)
-        report.update(suspected=rss_growing or bool(growing), rss_growing=rss_growing,
-                      growing_types=growing[:self.leak_report_top])
-        return report
+    def _leak_report(self, snaps) -> dict:
+        return leak_report(snaps, window=self.leak_snapshots, tolerance_mb=self.leak_tolerance_mb,
+                           min_growth=self.leak_min_growth, growth_ratio=self.leak_growth_ratio,
+                           top=self.leak_report_top)
 
     # -- GC tuning -------------------------------------------------------------------------
 
@@ -397,45 +357,6 @@ class MemoryManager:
     def gc_tuned(self) -> bool:
         with self._lock:
             return self._saved_thresholds is not None
-
-    # -- tracemalloc, on demand only -------------------------------------------------------
-
-    def start_tracemalloc(self, frames: int = 1) -> bool:
-        """Start tracing allocations (about 4x slower with 1 frame); False if already on."""
-        if tracemalloc.is_tracing():
-            return False
-        tracemalloc.start(frames)
-        log.warning("tracemalloc started (%d frames): the proxy runs several times slower "
-                    "until stop_tracemalloc()", frames)
-        return True
-
-    def tracemalloc_top(self, n: int = 10) -> list[dict]:
-        """The ``n`` source lines holding the most traced memory: {"file", "line", "size_kb",
-        "count", "traceback"}; [] when tracemalloc is off."""
-        if not tracemalloc.is_tracing():
-            return []
-        snap = tracemalloc.take_snapshot().filter_traces((
-            tracemalloc.Filter(False, tracemalloc.__file__),
-            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
-            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
-            tracemalloc.Filter(False, "<unknown>"),
-        ))
-        top = []
-        for stat in snap.statistics("traceback" if tracemalloc.get_traceback_limit() > 1
-                                    else "lineno")[:n]:
-            frame = stat.traceback[0]
-            top.append({"file": frame.filename, "line": frame.lineno,
-                        "size_kb": round(stat.size / 1024, 1), "count": stat.count,
-                        "traceback": [f"{f.filename}:{f.lineno}" for f in stat.traceback]})
-        return top
-
-    def stop_tracemalloc(self) -> bool:
-        """Stop tracing and free its traces; False if it was off."""
-        if not tracemalloc.is_tracing():
-            return False
-        tracemalloc.stop()
-        log.info("tracemalloc stopped")
-        return True
 
     # -- the monitor thread ----------------------------------------------------------------
 
@@ -532,7 +453,7 @@ class MemoryManager:
             "running": running,
             "sample_interval": self.sample_interval,
             "cleanup_interval": self.cleanup_interval,
-            "tracemalloc": _tracemalloc_stats(),
+            "tracemalloc": tracemalloc_stats(),
         }
 
     def _gc_stats(self, tuned: bool) -> dict:
@@ -552,32 +473,6 @@ class MemoryManager:
             return f"<MemoryManager {self._pressure} checks={self._checks}>"
 
 
-def _no_leak() -> dict:
-    return {"suspected": False, "rss_growing": False, "growing_types": [],
-            "rss_trend_mb_per_min": 0.0, "snapshots": 0}
-
-
-def _slope_per_min(snaps: Iterable[tuple[float, int, dict]]) -> float:
-    """Least-squares slope of RSS (MB) over clock time (minutes); 0.0 with < 2 points."""
-    points = [(t / 60.0, rss / MB) for t, rss, _ in snaps]
-    if len(points) < 2:
-        return 0.0
-    mean_t = sum(t for t, _ in points) / len(points)
-    mean_m = sum(m for _, m in points) / len(points)
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return 0.0
-    return round(sum((t - mean_t) * (m - mean_m) for t, m in points) / var, 3)
-
-
-def _tracemalloc_stats() -> dict:
-    if not tracemalloc.is_tracing():
-        return {"tracing": False}
-    current, peak = tracemalloc.get_traced_memory()
-    return {"tracing": True, "frames": tracemalloc.get_traceback_limit(),
-            "traced_mb": _mb(current), "peak_mb": _mb(peak)}
-
-
 def _safe(reader: Callable[[], object], what: str):
     try:
         return reader()
@@ -588,12 +483,6 @@ def _safe(reader: Callable[[], object], what: str):
 
 def _mb(n: int | float | None) -> float | None:
     return None if n is None else round(n / MB, 3)
-
-
-def _type_name(kind: type) -> str:
-    module = getattr(kind, "__module__", None)
-    name = getattr(kind, "__qualname__", None) or kind.__name__
-    return name if module in (None, "builtins") else f"{module}.{name}"
 
 
 def _check(condition: bool, message: str) -> None:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from app.cache import build_caches
+from app import leaks
 from app.memory import MB, MemoryManager, count_objects
 
 
@@ -452,20 +453,20 @@ def test_tracemalloc_runs_only_between_start_and_stop():
     if tracemalloc.is_tracing():
         pytest.skip("tracemalloc already on for this run")
     mm = manager()
-    assert mm.tracemalloc_top() == [] and mm.stats()["tracemalloc"] == {"tracing": False}
+    assert leaks.tracemalloc_top() == [] and mm.stats()["tracemalloc"] == {"tracing": False}
     try:
-        assert mm.start_tracemalloc(frames=1) is True
-        assert mm.start_tracemalloc() is False
+        assert leaks.start_tracemalloc(frames=1) is True
+        assert leaks.start_tracemalloc() is False
         hoard = [bytearray(1000) for _ in range(2000)]  # ~2 MB on one line
-        top = mm.tracemalloc_top(n=3)
+        top = leaks.tracemalloc_top(n=3)
         assert len(top) <= 3
         assert top[0]["file"] == __file__ and top[0]["size_kb"] >= 1900
         assert top[0]["count"] >= 2000 and len(top[0]["traceback"]) == 1
         assert mm.stats()["tracemalloc"]["traced_mb"] >= 1.9
         del hoard
     finally:
-        assert mm.stop_tracemalloc() is True
-    assert not tracemalloc.is_tracing() and mm.stop_tracemalloc() is False
+        assert leaks.stop_tracemalloc() is True
+    assert not tracemalloc.is_tracing() and leaks.stop_tracemalloc() is False
 
 
 # -- stats --------------------------------------------------------------------------------

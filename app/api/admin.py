@@ -8,6 +8,7 @@ import hmac
 import orjson
 from flask import Blueprint, Response, request
 
+from app import leaks
 from app.api import proxy
 from app.auth import presented_key
 from app.errors import ProxyError
@@ -83,11 +84,10 @@ def memory_cleanup():
 @bp.post("/memory/tracemalloc/<action>")
 def tracemalloc_switch(action):
     """Start or stop tracemalloc: on demand only, it slows the proxy several-fold."""
-    memory = proxy().memory
     if action == "start":
-        changed = memory.start_tracemalloc(frames=request.args.get("frames", 1, type=int))
+        changed = leaks.start_tracemalloc(frames=request.args.get("frames", 1, type=int))
     elif action == "stop":
-        changed = memory.stop_tracemalloc()
+        changed = leaks.stop_tracemalloc()
     else:
         raise ProxyError(f"Unknown action {action!r}: use start or stop.", status=404,
                          code="not_found")
@@ -98,5 +98,5 @@ def tracemalloc_switch(action):
 @bp.get("/memory/tracemalloc")
 def tracemalloc_top():
     """The allocation sites holding the most memory while tracemalloc runs."""
-    top = proxy().memory.tracemalloc_top(request.args.get("n", 20, type=int))
+    top = leaks.tracemalloc_top(request.args.get("n", 20, type=int))
     return Response(orjson.dumps({"top": top}), mimetype="application/json")
