@@ -7,8 +7,9 @@ import time
 
 from app.cache import CacheSet
 from app.limits import MemoryLimitStore
-from app.redis_store import (RedisByteCache, RedisLimitStore, connect,
-                             redis_breaker_storage)
+from app.redis_breakers import redis_breaker_storage
+from app.redis_limits import RedisLimitStore
+from app.redis_store import RedisByteCache, connect
 
 
 class SharedState:

@@ -23,8 +23,9 @@ import redis
 from app.breakers import OPEN, BreakerBoard
 from app.cache import ByteCache
 from app.limits import MemoryLimitStore
-from app.redis_store import (RedisByteCache, RedisGuard, RedisLimitStore, connect, pack,
-                             redis_breaker_storage)
+from app.redis_breakers import redis_breaker_storage
+from app.redis_limits import RedisLimitStore
+from app.redis_store import RedisByteCache, RedisGuard, connect, pack
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_URL = "redis://127.0.0.1:1/0"
