@@ -219,8 +219,8 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     text = render(report)
     print(text)
-    _write(os.path.join(RESULTS, args.output + ".md"), text)
-    _write(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
+    services.write_result(os.path.join(RESULTS, args.output + ".md"), text)
+    services.write_result(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
     return 0 if all(t["result"] == "PASS" for t in report["targets"] if not t["info"]) else 1
 
 
@@ -558,13 +558,6 @@ def render(report) -> str:
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {t['limit']} | {t['result']} |")
     return "\n".join(lines) + "\n"
-
-
-def _write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def main(argv=None) -> int:
     report["command"] = " ".join(["python -m bench.run", *map(shlex.quote, args.argv)])
     text = render(report)
     print(text)
-    _write(os.path.join(RESULTS, "latest.md"), text)
-    _write(os.path.join(RESULTS, "latest.json"), json.dumps(report, indent=2) + "\n")
+    services.write_result(os.path.join(RESULTS, "latest.md"), text)
+    services.write_result(os.path.join(RESULTS, "latest.json"), json.dumps(report, indent=2) + "\n")
     return 1 if any(row["errors"] for row in report["rows"]) else 0
 
 
@@ -321,13 +321,6 @@ def render(report) -> str:
             verdict, shown = ("PASS" if ok else "MISS"), f"{value:,} {unit}"
         lines.append(f"| {label} | {shown} | {op} {limit:,} {unit} | {verdict} |")
     return "\n".join(lines) + "\n"
-
-
-def _write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def which(tool):
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
 
 
+def write_result(path, text):
+    """Write a results file whole or not at all (a rename over the old one)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,22 +165,11 @@ class Proxy:
 
 def start_proxy(procs: ProcessSet, tmp: str, name: str, providers: list[dict], *, threads: int,
                 env: dict | None = None, config: dict | None = None, source: str = REPO) -> Proxy:
-    """``python wsgi.py`` (from ``source``) pinned to the proxy core, with a generated config."""
-    port = free_port()
-    config_path = os.path.join(tmp, f"proxy-{name}.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump({**(config or {}), "providers": providers}, f, sort_keys=False)
-    from settings import ENV_VARS  # the proxy's own env names: none may leak in from the shell
-    proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
-                      "THREADS": str(threads), "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
-    proxy_env.update(env or {})
-    log_path = os.path.join(tmp, f"proxy-{name}.log")
-    process = procs.start(["taskset", "-c", PROXY_CORE, sys.executable, "wsgi.py"],
-                          log_path=log_path, env=proxy_env, cwd=source)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + "/health/live", log_path)  # needs no API key
-    return Proxy(process, url)
+    """``python wsgi.py`` (from ``source``) pinned to the proxy core, with a generated config,
+    ``threads`` waitress threads and warnings-only logging (``env`` may override both)."""
+    return start_proxy_env(procs, tmp, name, {**(config or {}), "providers": providers},
+                           env={"THREADS": str(threads), "LOG_LEVEL": "WARNING", **(env or {})},
+                           source=source)
 
 
 def wait_ready(process, url, log_path, *, post=False, timeout=20.0):

@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     text = render(report)
     print(text)
-    _write(os.path.join(RESULTS, args.output + ".md"), text)
-    _write(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
+    services.write_result(os.path.join(RESULTS, args.output + ".md"), text)
+    services.write_result(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
     return 0 if all(t["result"] != "MISS" for t in report["targets"]) else 1
 
 
@@ -466,13 +466,6 @@ def render(report) -> str:
 
 def _f(v):
     return "-" if v is None else f"{v:,.1f}"
-
-
-def _write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
