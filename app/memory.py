@@ -190,13 +190,16 @@ class MemoryManager:
         if periodic:
             # A pressure cleanup has just expired the caches: no need to walk them again.
             expired = result["cleanup"]["expired"] if action else self._expire()
-            self._trim()  # what the caches and collections freed goes back to the system
             with self._lock:
                 self._periodic_runs += 1
                 self._periodic_expired += expired
             leak = self.snapshot() if self.leak_detection_enabled else None
             result["periodic"] = {"expired": expired,
                                   "leak_suspected": bool(leak and leak["suspected"])}
+        if not action:  # cleanup() trims too
+            # Every sample, not every cleanup: what was freed goes back to the system while it
+            # is free, so the RSS follows the live heap (1-2 ms for a 30 MB heap, GIL released).
+            self._trim()
         return result
 
     def classify(self, rss: int) -> str:

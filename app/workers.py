@@ -221,7 +221,7 @@ def main() -> int:
     from app import configure_logging, create_app, malloc
 
     # Before any thread starts (see app/malloc.py); glibc's own MALLOC_ARENA_MAX overrides.
-    malloc.limit_arenas(2)
+    malloc.limit_arenas(1)
 
     if WORKER_INDEX in environ:
         serve_worker(create_app())
