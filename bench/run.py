@@ -76,12 +76,13 @@ SCENARIOS = {s.name: s for s in (
              proxy_config={"cache": {"enabled": False}}, headers=BENCH_AUTH),
     Scenario("prod-cachehit", "wrk -> proxy (cache hit), production profile",
              providers=_openai_upstream, proxy_env=PRODUCTION_ENV, headers=BENCH_AUTH),
-    # GC tuning (gc.freeze and thresholds at start-up) off, to compare with "mock".
-    Scenario("mock-gc-off", "wrk -> proxy (mock provider, GC tuning off)", providers=_mock,
+    # GC tuning (gc.freeze and thresholds at start-up; off by default) on, to compare with "mock".
+    Scenario("mock-gc-on", "wrk -> proxy (mock provider, GC tuning on)", providers=_mock,
              needs_upstream=False, proxy_config={"cache": {"enabled": False}},
-             proxy_env={"GC_TUNING_ENABLED": "false"}),
-    # More later, e.g. Scenario("production", ..., providers=_openai_upstream,
-    # proxy_env={"ENVIRONMENT": "production"}); see bench/README.md for cache hits and streaming.
+             proxy_env={"GC_TUNING_ENABLED": "true"}),
+    Scenario("prod-passthrough-gc-on", "wrk -> proxy -> nginx, production profile, GC tuning on",
+             providers=_openai_upstream, proxy_env={**PRODUCTION_ENV, "GC_TUNING_ENABLED": "true"},
+             proxy_config={"cache": {"enabled": False}}, headers=BENCH_AUTH),
 )}
 
 TARGETS = (  # (label, key in the summary, comparison, limit, unit)

@@ -1,7 +1,7 @@
 """The streaming benchmark: what the proxy adds to an SSE stream, and 100 slow streams at once.
 
 ``python -m bench.streaming`` starts an asyncio SSE upstream (``services.SSE_UPSTREAM``, core 1)
-and the real proxy (``python wsgi.py``, core 0, THREADS=128, cache off) with two providers: an
+and the real proxy (``python wsgi.py``, core 0, THREADS=256, cache off) with two providers: an
 openai-type one pointing at the SSE upstream (models ``sse-*``: ``sse-<chunks>-<delay ms>``) and
 a mock one (model ``m``). This process is the client, pinned to core 1.
 
@@ -79,7 +79,8 @@ def _parse(argv):
     p.add_argument("--slow-delay-ms", type=int, default=50, help="ms between them (50)")
     p.add_argument("--side-interval-ms", type=float, default=20.0,
                    help="ms between the non-streaming requests sent meanwhile (20)")
-    p.add_argument("--threads", type=int, default=128, help="the proxy's THREADS (128)")
+    p.add_argument("--threads", type=int, default=256,
+                   help="the proxy's THREADS (256, as in the production profile)")
     p.add_argument("--provider-max-in-flight", type=int, default=0,
                    help="routing.provider_max_in_flight for the proxy (0: its derived default)")
     p.add_argument("--source", default=services.REPO, help="the proxy checkout to run")

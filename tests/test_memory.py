@@ -185,6 +185,20 @@ def test_periodic_cleanup_expires_caches_every_interval_at_normal_pressure(cache
     assert mm.stats()["periodic"]["runs"] == 2
 
 
+def test_every_check_trims_the_heap_once_with_or_without_a_cleanup(caches, clock):
+    trims = []
+    rss = FakeRSS(100)
+    mm = manager(caches, clock, rss, heap_trim=lambda: trims.append(clock()))
+    mm.check()
+    clock.tick(10)
+    mm.check()
+    assert len(trims) == 2                            # normal pressure: every sample
+    rss.mb = 1100
+    clock.tick(10)
+    assert mm.check()["cleanup"] is not None          # high pressure: a cleanup
+    assert len(trims) == 3                            # the cleanup's own trim, not a second one
+
+
 def test_periodic_cleanup_takes_leak_snapshots(clock):
     counts = {"Session": 10}
 
