@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -206,8 +205,7 @@ def main(argv=None) -> int:
         print(f"bench.reliability: missing {', '.join(missing)}: run bench/setup.sh (as root) "
               "first", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the cleanup runs on `kill` too
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
+    services.interrupt_on_signals()
     try:
         report = measure(args)
     except KeyboardInterrupt:
@@ -254,11 +252,7 @@ def _parse(argv):
     if not 0 <= args.retry_attempts <= 5 or not 0 < args.read_timeout <= 30 \
             or not 0 < args.connect_timeout <= 30:
         p.error("--retry-attempts 0-5, timeouts in (0, 30] s")
-    if not args.output.replace("-", "").replace("_", "").isalnum():
-        p.error("--output takes a plain file name (letters, digits, - and _)")
-    args.source = os.path.abspath(args.source)
-    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
-        p.error(f"--source {args.source}: no wsgi.py there")
+    services.check_paths(p, args)
     args.load = [x.strip() for x in args.load.split(",") if x.strip()]
     if not args.load or any(x not in ("wrk", "python") for x in args.load):
         p.error("--load takes wrk, python or both")
@@ -267,10 +261,6 @@ def _parse(argv):
     if unknown:
         p.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}")
     return args
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def proxy_config(args) -> dict:

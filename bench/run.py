@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -110,8 +109,7 @@ def main(argv=None) -> int:
         print(f"bench: missing {', '.join(missing)}: run bench/setup.sh (as root) first",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so cleanup runs on `kill` too
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
+    services.interrupt_on_signals()
     try:
         report = measure(args)
     except KeyboardInterrupt:
@@ -149,19 +147,13 @@ def _parse(argv):
         args.duration, args.warmup = 2.0, 1.0
     if not 1 <= args.duration <= 120 or not 0 <= args.warmup <= 30 or not 0 <= args.retries <= 5:
         p.error("--duration must be 1-120 s, --warmup 0-30 s, --retries 0-5")
-    args.source = os.path.abspath(args.source)
-    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
-        p.error(f"--source {args.source}: no wsgi.py there")
+    services.check_paths(p, args)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}")
     args.connections = [int(c) for c in args.connections.split(",")]
     return args
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def measure(args) -> dict:

@@ -66,6 +66,28 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("nginx", "wrk", "taskset") if not which(tool)]
 
 
+def check_paths(parser, args) -> None:
+    """The options every benchmark shares: ``--source`` (made absolute; it must hold wsgi.py)
+    and, where the script has one, ``--output`` (a plain file name in bench/results)."""
+    output = getattr(args, "output", None)
+    if output is not None and not output.replace("-", "").replace("_", "").isalnum():
+        parser.error("--output takes a plain file name (letters, digits, - and _)")
+    args.source = os.path.abspath(args.source)
+    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
+        parser.error(f"--source {args.source}: no wsgi.py there")
+
+
+def interrupt_on_signals() -> None:
+    """Ctrl-C (even in a background job) and ``kill`` raise KeyboardInterrupt in the main
+    thread, so the cleanup in ``finally`` runs."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def which(tool):
     """The program's path; nginx lives in /usr/sbin, which a non-root PATH may lack."""
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")

@@ -42,7 +42,6 @@ import os
 import random
 import secrets
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -81,8 +80,7 @@ def main(argv=None) -> int:
         print(f"bench.soak: missing {', '.join(missing)}: run bench/setup.sh first",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    services.interrupt_on_signals()
     os.sched_setaffinity(0, {int(services.LOAD_CORE)})
     try:
         report = run(args)
@@ -114,18 +112,10 @@ def _parse(argv):
             and 3 <= args.max_seconds <= 120 and 1 <= args.sample <= 60):
         p.error("out of range: --minutes 0.5-1440, --rate 0-20000, --workers 1-128, "
                 "--max-seconds 3-120, --sample 1-60")
-    if not args.output.replace("-", "").replace("_", "").isalnum():
-        p.error("--output takes a plain file name")
     if any("=" not in e or not e.split("=", 1)[0] for e in args.proxy_env):
         p.error("--proxy-env takes NAME=VALUE")
-    args.source = os.path.abspath(args.source)
-    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
-        p.error(f"--source {args.source}: no wsgi.py there")
+    services.check_paths(p, args)
     return args
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _log(text):

@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import shlex
-import signal
 import sys
 import tempfile
 import threading
@@ -48,8 +47,7 @@ def main(argv=None) -> int:
     if not services.which("taskset"):
         print("bench.streaming: taskset is missing", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    services.interrupt_on_signals()
     os.sched_setaffinity(0, {int(services.LOAD_CORE)})  # the client shares core 1 with the upstream
     try:
         report = measure(args)
@@ -96,16 +94,8 @@ def _parse(argv):
             and 1 <= args.rounds <= 20 and 1 <= args.slow_chunks <= 1000
             and 0 <= args.slow_delay_ms <= 1000 and 1 <= args.side_interval_ms <= 1000):
         p.error("out of range: --reps 10-5000, --chunks 1-5000, --streams 1-500, --rounds 1-20")
-    if not args.output.replace("-", "").replace("_", "").isalnum():
-        p.error("--output takes a plain file name")
-    args.source = os.path.abspath(args.source)
-    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
-        p.error(f"--source {args.source}: no wsgi.py there")
+    services.check_paths(p, args)
     return args
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def proxy_config(args) -> dict:

@@ -83,12 +83,14 @@ class FakeClock:
 
     def __init__(self, start=1000.0):
         self.now = start
+        self._lock = threading.Lock()  # advances from several threads never go backwards
 
     def __call__(self):
         return self.now
 
     def advance(self, seconds):
-        self.now += seconds
+        with self._lock:
+            self.now += seconds
 
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

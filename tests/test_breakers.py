@@ -11,19 +11,7 @@ import pybreaker
 import pytest
 
 from app.breakers import BreakerBoard, ProviderBreaker
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 class Recorder:

@@ -9,21 +9,7 @@ import pytest
 
 from app.cache import (ENTRY_OVERHEAD, ByteCache, CacheSet, Coalescer, build_caches,
                        entry_size, request_key)
-
-
-class FakeClock:
-    """A timer the test advances, as in cachetools' own TTL tests."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-        self._lock = threading.Lock()  # ticks from several threads must never go backwards
-
-    def __call__(self):
-        return self.now
-
-    def tick(self, seconds):
-        with self._lock:
-            self.now += seconds
+from tests.conftest import FakeClock
 
 
 @pytest.fixture
@@ -38,7 +24,7 @@ def make(clock, maxsize=100, ttl=10, max_bytes=1_000_000, stale_ttl=0.0):
 def test_entry_holds_value_store_time_and_age(clock):
     cache = make(clock)
     assert cache.set("k", b"v")
-    clock.tick(3)
+    clock.advance(3)
     entry = cache.get("k")
     assert entry.value == b"v"
     assert entry.stored_at == 1000.0
@@ -49,9 +35,9 @@ def test_entry_holds_value_store_time_and_age(clock):
 def test_entry_expires_at_ttl_and_is_counted_once(clock):
     cache = make(clock, ttl=10)
     cache.set("k", b"v")
-    clock.tick(9.999)
+    clock.advance(9.999)
     assert cache.get("k") is not None
-    clock.tick(0.001)
+    clock.advance(0.001)
     assert cache.get("k") is None
     stats = cache.stats()
     assert (stats["entries"], stats["bytes"], stats["expirations"]) == (0, 0, 1)
@@ -61,9 +47,9 @@ def test_entry_expires_at_ttl_and_is_counted_once(clock):
 def test_set_again_restarts_the_ttl(clock):
     cache = make(clock, ttl=10)
     cache.set("k", b"one")
-    clock.tick(8)
+    clock.advance(8)
     cache.set("k", b"two")
-    clock.tick(8)
+    clock.advance(8)
     assert cache.get("k").value == b"two"
     assert cache.stats()["bytes"] == entry_size("k", b"two")
 
@@ -142,7 +128,7 @@ def test_non_bytes_value_is_a_type_error(clock):
 def test_max_age_rejects_older_entries_as_misses(clock):
     cache = make(clock, ttl=100)
     cache.set("k", b"v")
-    clock.tick(30)
+    clock.advance(30)
     assert cache.get("k", max_age=10) is None
     assert cache.get("k", max_age=30).value == b"v"
     assert cache.get("k").value == b"v"
@@ -153,13 +139,13 @@ def test_max_age_rejects_older_entries_as_misses(clock):
 def test_stale_entry_is_served_only_by_get_stale_within_the_window(clock):
     cache = make(clock, ttl=10, stale_ttl=5)
     cache.set("k", b"v")
-    clock.tick(10)
+    clock.advance(10)
     assert cache.get("k") is None
     assert cache.get_stale("k").value == b"v"
-    clock.tick(4.999)
+    clock.advance(4.999)
     assert cache.get("k") is None
     assert cache.get_stale("k").value == b"v"
-    clock.tick(0.001)
+    clock.advance(0.001)
     assert cache.get_stale("k") is None
     stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["stale_hits"]) == (0, 2, 2)
@@ -178,7 +164,7 @@ def test_stale_entries_count_against_the_byte_budget(clock):
     cache = make(clock, ttl=10, stale_ttl=60, max_bytes=budget)
     for key in "abc":
         cache.set(key, bytes(100))
-    clock.tick(20)  # all three stale now
+    clock.advance(20)  # all three stale now
     cache.set("d", bytes(100))
     stats = cache.stats()
     assert stats["bytes"] == budget
@@ -190,9 +176,9 @@ def test_stale_entries_count_against_the_byte_budget(clock):
 def test_get_on_a_stale_entry_does_not_refresh_its_recency(clock):
     cache = make(clock, maxsize=2, ttl=10, stale_ttl=60)
     cache.set("a", b"x")
-    clock.tick(5)
+    clock.advance(5)
     cache.set("b", b"x")
-    clock.tick(6)  # a stale, b fresh
+    clock.advance(6)  # a stale, b fresh
     assert cache.get("a") is None
     cache.set("c", b"x")
     assert cache.get_stale("a") is None
@@ -203,10 +189,10 @@ def test_expire_drops_expired_entries_and_returns_the_count(clock):
     cache = make(clock, ttl=10)
     for i in range(5):
         cache.set(f"old{i}", b"x")
-    clock.tick(5)
+    clock.advance(5)
     for i in range(3):
         cache.set(f"new{i}", b"x")
-    clock.tick(5)
+    clock.advance(5)
     assert cache.expire() == 5
     assert cache.expire() == 0
     stats = cache.stats()
@@ -250,7 +236,7 @@ def test_stats_add_up(clock):
             lookups += 1
         else:
             cache.set(key, b"x" * rng.randrange(50))
-        clock.tick(rng.random())
+        clock.advance(rng.random())
     stats = cache.stats()
     assert stats["hits"] + stats["misses"] == lookups
     assert stats["hit_rate"] == pytest.approx(stats["hits"] / lookups)
@@ -286,7 +272,7 @@ def test_many_threads_hammering_one_cache_keep_it_consistent(clock):
                 elif op < 0.97:
                     len(cache)
                 else:
-                    clock.tick(0.5)
+                    clock.advance(0.5)
                     cache.expire()
                     cache.stats()
                     cache.get_stale(key)
@@ -338,7 +324,7 @@ def test_cache_set_stats_clear_and_expire(clock):
     caches.response.set("a", b"1")
     caches.summary.set("b", b"2")
     assert set(caches.stats()) == {"response_cache", "summary_cache"}
-    clock.tick(10)
+    clock.advance(10)
     assert caches.expire() == 1
     caches.clear("summary")
     assert caches.stats()["summary_cache"]["entries"] == 0

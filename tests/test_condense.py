@@ -14,17 +14,7 @@ import pytest
 from app.cache import ByteCache, Coalescer
 from app.condense import SUMMARY_PREFIX, TOOL_TEXT_LIMIT, Condenser, SummaryFailed
 from app.errors import ProxyError, UpstreamError
-
-
-class FakeClock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def tick(self, seconds):
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 class FakeSummarizer:
@@ -245,7 +235,7 @@ def test_next_turns_with_a_step_reuse_the_summary_until_the_older_set_moves(cach
 def test_an_expired_summary_is_made_again(cache, clock):
     condenser, summarize = make(cache), FakeSummarizer()
     condenser.condense(chat(5), summarize)
-    clock.tick(3601)
+    clock.advance(3601)
     condenser.condense(chat(5), summarize)
     assert len(summarize.calls) == 2
 

@@ -12,19 +12,7 @@ from app.api import error_response
 from app.auth import Tenant
 from app.errors import ProxyError
 from app.limits import Decision, MemoryLimitStore, RateLimited, RateLimiter
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 @pytest.fixture

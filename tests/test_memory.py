@@ -14,17 +14,7 @@ import pytest
 from app.cache import build_caches
 from app import leaks
 from app.memory import MB, MemoryManager, count_objects
-
-
-class FakeClock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def tick(self, seconds):
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 class FakeRSS:
@@ -100,9 +90,9 @@ def test_below_the_threshold_is_normal_and_cleans_nothing(caches, clock):
 def test_high_pressure_expires_caches_and_collects_young_generations(caches, clock):
     fill(caches.response, 4, prefix="old")
     fill(caches.summary, 2)
-    clock.tick(5)
+    clock.advance(5)
     fill(caches.response, 3, prefix="new")
-    clock.tick(6)  # the old ones are past the response ttl; the rest are fresh
+    clock.advance(6)  # the old ones are past the response ttl; the rest are fresh
     fake_gc = RecordingGC()
     mm = manager(caches, clock, FakeRSS(1024), gc_module=fake_gc)
     result = mm.check()
@@ -138,15 +128,15 @@ def test_pressure_cleanup_waits_for_the_cooldown_but_escalation_does_not(caches,
     fake_gc = RecordingGC()
     mm = manager(caches, clock, rss, pressure_cooldown=60, gc_module=fake_gc)
     assert mm.check()["cleanup"]["level"] == "normal"
-    clock.tick(10)
+    clock.advance(10)
     assert mm.check()["cleanup"] is None             # high again, within the cooldown
     rss.mb = 1600
-    clock.tick(10)
+    clock.advance(10)
     assert mm.check()["cleanup"]["level"] == "emergency"  # escalated: at once
     rss.mb = 1100
-    clock.tick(10)
+    clock.advance(10)
     assert mm.check()["cleanup"] is None             # an emergency cleanup covers high too
-    clock.tick(60)
+    clock.advance(60)
     assert mm.check()["cleanup"]["level"] == "normal"
     assert mm.stats()["cleanups"] == {"normal": 2, "emergency": 1}
 
@@ -170,16 +160,16 @@ def test_periodic_cleanup_expires_caches_every_interval_at_normal_pressure(cache
     fake_gc = RecordingGC()
     mm = manager(caches, clock, FakeRSS(100), cleanup_interval=300, gc_module=fake_gc)
     fill(caches.response, 3)
-    clock.tick(299)
+    clock.advance(299)
     assert mm.check()["periodic"] is None
-    clock.tick(1)
+    clock.advance(1)
     periodic = mm.check()["periodic"]
     assert periodic["expired"] == 3
     assert len(caches.response) == 0
     fill(caches.response, 2)
-    clock.tick(299)
+    clock.advance(299)
     assert mm.check()["periodic"] is None            # the next one is 300 s after the last
-    clock.tick(1)
+    clock.advance(1)
     assert mm.check()["periodic"]["expired"] == 2
     assert fake_gc.collects == []                     # periodic expiry does not collect
     assert mm.stats()["periodic"]["runs"] == 2
@@ -190,11 +180,11 @@ def test_every_check_trims_the_heap_once_with_or_without_a_cleanup(caches, clock
     rss = FakeRSS(100)
     mm = manager(caches, clock, rss, heap_trim=lambda: trims.append(clock()))
     mm.check()
-    clock.tick(10)
+    clock.advance(10)
     mm.check()
     assert len(trims) == 2                            # normal pressure: every sample
     rss.mb = 1100
-    clock.tick(10)
+    clock.advance(10)
     assert mm.check()["cleanup"] is not None          # high pressure: a cleanup
     assert len(trims) == 3                            # the cleanup's own trim, not a second one
 
@@ -210,7 +200,7 @@ def test_periodic_cleanup_takes_leak_snapshots(clock):
                  object_counter=counter)
     flags = []
     for _ in range(4):
-        clock.tick(300)
+        clock.advance(300)
         flags.append(mm.check()["periodic"]["leak_suspected"])
     assert flags == [False, False, False, True]
     assert mm.stats()["leak"]["growing_types"][0]["type"] == "Session"
@@ -220,7 +210,7 @@ def test_leak_detection_disabled_takes_no_periodic_snapshot(clock):
     calls = []
     mm = manager(None, clock, leak_detection_enabled=False,
                  object_counter=lambda: calls.append(1) or {})
-    clock.tick(300)
+    clock.advance(300)
     assert mm.check()["periodic"] == {"expired": 0, "leak_suspected": False}
     assert calls == [] and mm.stats()["leak"]["enabled"] is False
 
@@ -230,7 +220,7 @@ def test_leak_detection_disabled_takes_no_periodic_snapshot(clock):
 def test_cleanup_reports_before_and_after_figures(caches, clock):
     fill(caches.response, 10)
     fill(caches.summary, 3, size=1000)
-    clock.tick(11)  # the response entries have expired
+    clock.advance(11)  # the response entries have expired
     rss = iter([500 * MB, 480 * MB])
     mm = manager(caches, clock, rss=lambda: next(rss), wall_clock=lambda: 1_700_000_000.0)
     result = mm.cleanup()
@@ -241,7 +231,7 @@ def test_cleanup_reports_before_and_after_figures(caches, clock):
     assert result["before"]["bytes"] == result["after"]["bytes"] > 0
     assert result["expired"] == 10 and result["evicted"] == result["cleared"] == 0
     assert result["gc_collected"] >= 0 and result["seconds"] >= 0
-    clock.tick(5)
+    clock.advance(5)
     last = mm.stats()["last_cleanup"]
     assert last["before"] == result["before"] and last["age_s"] == 5
 
@@ -279,7 +269,7 @@ def test_a_growing_list_is_reported_as_a_leak_by_the_default_counter(clock):
     leak = []
     for _ in range(5):
         leak.extend(LeakyThing() for _ in range(500))
-        clock.tick(300)
+        clock.advance(300)
         report = mm.snapshot()
     assert report["suspected"]
     mine = [t for t in report["growing_types"] if t["type"].endswith("LeakyThing")]
@@ -292,7 +282,7 @@ def test_a_steady_real_workload_is_not_reported(clock):
     mm = manager(None, clock, FakeRSS(200), leak_snapshots=4, object_counter=None)
     for _ in range(6):
         held = [SteadyThing() for _ in range(500)]
-        clock.tick(300)
+        clock.advance(300)
         report = mm.snapshot()
         del held
     assert not [t for t in report["growing_types"] if t["type"].endswith("SteadyThing")]
@@ -305,7 +295,7 @@ def test_steady_counts_with_noise_and_flat_rss_are_quiet(clock):
                  object_counter=lambda: {"dict": 20_000 + next(noise) * 10, "Entry": 5000})
     for step in range(7):
         rss.mb = 300 + (0.4 if step % 2 else 0)  # sub-tolerance wobble
-        clock.tick(300)
+        clock.advance(300)
         report = mm.snapshot()
     assert report == {"suspected": False, "rss_growing": False, "growing_types": [],
                       "rss_trend_mb_per_min": report["rss_trend_mb_per_min"], "snapshots": 4}
@@ -316,7 +306,7 @@ def test_rss_growing_every_snapshot_is_a_leak_with_its_trend(clock):
     rss = FakeRSS(300)
     mm = manager(None, clock, rss, leak_snapshots=3, object_counter=lambda: {"dict": 100})
     for _ in range(4):
-        clock.tick(60)
+        clock.advance(60)
         rss.mb += 6
         report = mm.snapshot()
     assert report["suspected"] and report["rss_growing"]
@@ -331,7 +321,7 @@ def test_one_flat_step_in_the_window_means_no_leak(clock):
                  object_counter=lambda: {"Thing": next(series)})
     reports = []
     for _ in range(6):
-        clock.tick(300)
+        clock.advance(300)
         reports.append(mm.snapshot()["suspected"])
     # Windows of 4: [100..300,300], [200,300,300,400], [300,300,400,500]: each has a flat step.
     assert reports == [False] * 6

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 import redis
@@ -26,20 +25,10 @@ from app.limits import MemoryLimitStore
 from app.redis_breakers import redis_breaker_storage
 from app.redis_limits import RedisLimitStore
 from app.redis_store import RedisByteCache, RedisGuard, connect, pack
+from tests.conftest import FakeClock
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_URL = "redis://127.0.0.1:1/0"
-
-
-class FakeClock:
-    def __init__(self, now=1_700_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 @pytest.fixture
@@ -51,9 +40,9 @@ def raw(redis_url):
 
 def process(url, clock=None, **guard):
     """One "process": its own client and guard."""
-    client, g = connect(url, pool_size=16, clock=clock or FakeClock(), timeout=0.5)
+    client, g = connect(url, pool_size=16, clock=clock or FakeClock(1_700_000_000.0), timeout=0.5)
     if guard:
-        g = RedisGuard(client, clock=clock or FakeClock(), **guard)
+        g = RedisGuard(client, clock=clock or FakeClock(1_700_000_000.0), **guard)
     return client, g
 
 
@@ -66,7 +55,7 @@ def cache(guard, prefix, clock, name="response", ttl=10.0, stale_ttl=5.0, max_by
 # -- caches ------------------------------------------------------------------------------------
 
 def test_two_processes_see_each_others_cache_entries(redis_url, prefix):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     a = cache(process(redis_url)[1], prefix, clock)
     b = cache(process(redis_url)[1], prefix, clock)
     assert a.set("k", b"answer")
@@ -79,7 +68,7 @@ def test_two_processes_see_each_others_cache_entries(redis_url, prefix):
 
 
 def test_freshness_max_age_and_stale_window_follow_the_injected_clock(redis_url, prefix, raw):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     c = cache(process(redis_url)[1], prefix, clock, ttl=10.0, stale_ttl=5.0)
     c.set("k", b"v")
     assert 14_000 < raw.pttl(prefix + "cache:response:k") <= 15_000  # Redis drops it after ttl+stale
@@ -97,7 +86,7 @@ def test_freshness_max_age_and_stale_window_follow_the_injected_clock(redis_url,
 
 
 def test_large_values_are_stored_compressed_and_read_back_intact(redis_url, prefix, raw):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     c = cache(process(redis_url)[1], prefix, clock)
     text = b'{"choices":[{"message":{"content":"' + b"the answer is forty-two. " * 800 + b'"}}]}'
     noise = random.Random(1).randbytes(4096)
@@ -112,7 +101,7 @@ def test_large_values_are_stored_compressed_and_read_back_intact(redis_url, pref
 
 
 def test_a_value_over_the_byte_budget_is_refused_and_drops_the_old_one(redis_url, prefix):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     c = cache(process(redis_url)[1], prefix, clock, max_bytes=2000)
     assert c.set("k", b"small")
     assert not c.set("k", b"x" * 5000)
@@ -120,7 +109,7 @@ def test_a_value_over_the_byte_budget_is_refused_and_drops_the_old_one(redis_url
 
 
 def test_clear_drops_this_cache_only(redis_url, prefix):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     guard = process(redis_url)[1]
     response, summary = cache(guard, prefix, clock), cache(guard, prefix, clock, name="summary")
     for i in range(1200):  # more than one SCAN/UNLINK batch
@@ -187,7 +176,7 @@ def test_a_full_bucket_leaves_no_key_and_a_used_one_expires_when_full(redis_url,
 
 
 def test_in_flight_slots_are_shared_never_negative_and_leased(redis_url, prefix):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     a = RedisLimitStore(process(redis_url)[1], MemoryLimitStore(), prefix, lease=30, clock=clock)
     b = RedisLimitStore(process(redis_url)[1], MemoryLimitStore(), prefix, lease=30, clock=clock)
     assert a.enter("in_flight:t", 2) == (True, 1)
@@ -207,7 +196,7 @@ def test_a_breaker_opened_in_one_process_is_open_in_another(redis_url, prefix):
     for _ in range(2):
         client, guard = process(redis_url)
         boards.append(BreakerBoard(
-            ["openai"], clock=FakeClock(), failure_threshold=2, adaptive=False,
+            ["openai"], clock=FakeClock(1_700_000_000.0), failure_threshold=2, adaptive=False,
             storage_factory=lambda name: redis_breaker_storage(client, name, prefix,
                                                                guard=guard, max_age=0)))
     one, other = boards[0].get("openai"), boards[1].get("openai")
@@ -222,7 +211,7 @@ def test_a_breaker_opened_in_one_process_is_open_in_another(redis_url, prefix):
 # -- Redis away --------------------------------------------------------------------------------
 
 def test_a_dead_redis_degrades_to_local_stores_without_raising():
-    prefix, clock = "llmproxy-test:dead:", FakeClock()
+    prefix, clock = "llmproxy-test:dead:", FakeClock(1_700_000_000.0)
     client, guard = connect(DEAD_URL, pool_size=4, clock=clock, timeout=0.2,
                             failure_threshold=3, recovery_timeout=5.0)
     c = cache(guard, prefix, clock)
@@ -284,7 +273,7 @@ def private_redis(tmp_path):
 
 def test_stores_fall_back_while_redis_is_down_and_return_when_it_is_back(private_redis):
     url, start, stop = private_redis  # a private server, thrown away after the test
-    prefix, clock = "llmproxy-test:private:", FakeClock()
+    prefix, clock = "llmproxy-test:private:", FakeClock(1_700_000_000.0)
     client, guard = connect(url, pool_size=4, clock=clock, timeout=0.2, failure_threshold=2,
                             recovery_timeout=5.0)
     c = cache(guard, prefix, clock)
@@ -318,7 +307,7 @@ def _free_port() -> int:
 
 def test_the_guard_sends_one_trial_after_recovery_and_treats_slow_answers_as_failures(
         redis_url):
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     client = redis.Redis.from_url(redis_url)
     guard = RedisGuard(client, clock=clock, failure_threshold=2, recovery_timeout=5.0,
                        timeout=0.02)
