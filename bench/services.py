@@ -45,6 +45,7 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
+    log_format status_only '$status';
     access_log off;
     client_body_temp_path {tmp}/nginx-body;
     proxy_temp_path {tmp}/nginx-proxy;
@@ -53,6 +54,7 @@ http {{
     scgi_temp_path {tmp}/nginx-scgi;
     keepalive_timeout 120s;
     keepalive_requests 10000000;
+{http_extra}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
 {locations}
@@ -169,7 +171,7 @@ def start_nginx(procs: ProcessSet, tmp: str) -> str:
         for path, (ctype, body) in UPSTREAM_ROUTES.items())
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(tmp=tmp, port=port, locations=locations))
+        f.write(NGINX_CONF.format(tmp=tmp, port=port, locations=locations, http_extra=""))
     process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", tmp, "-c", conf,
                            "-e", os.path.join(tmp, "nginx-error.log")],
                           log_path=os.path.join(tmp, "nginx.out"))
@@ -294,34 +296,13 @@ def run_wrk(url: str, script: str, *, connections: int, seconds: float) -> dict:
 
 # -- helpers for bench/reliability.py: upstreams that fail on purpose, and counting calls ----
 
-CUSTOM_NGINX_CONF = """\
-worker_processes 1;
-master_process off;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    log_format status_only '$status';
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-{http_extra}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
+# The chat location of ``start_nginx_custom``: ``{chat}`` inside, every call's status logged.
+CUSTOM_LOCATIONS = """\
         location = /ready {{ access_log off; return 200 'ready'; }}
         location = /v1/chat/completions {{
             access_log {tmp}/access.log status_only;
 {chat}
-        }}
-    }}
-}}
-"""
+        }}"""
 
 
 def start_nginx_custom(procs: ProcessSet, tmp: str, name: str, *, chat: str,
@@ -334,7 +315,9 @@ def start_nginx_custom(procs: ProcessSet, tmp: str, name: str, *, chat: str,
     port = free_port()
     conf = os.path.join(home, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(CUSTOM_NGINX_CONF.format(tmp=home, port=port, chat=chat, http_extra=http_extra))
+        locations = CUSTOM_LOCATIONS.format(tmp=home, chat=chat)
+        f.write(NGINX_CONF.format(tmp=home, port=port, locations=locations,
+                                  http_extra=http_extra))
     process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", home, "-c", conf,
                            "-e", os.path.join(home, "nginx-error.log")],
                           log_path=os.path.join(home, "nginx.out"))
