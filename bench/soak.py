@@ -16,17 +16,18 @@ This process is the load, on core 1 (with nginx).
    40% misses (unique prompts), 30% hits (20 repeated prompts), 15% streams (mock, unique
    prompts), 5% unknown model (404), 5% bad body (400), 5% client disconnects (a stream opened,
    one chunk read, the socket closed). Every ``--sample`` s a CSV row: elapsed s, RSS MB,
-   threads, open fds, the proxy's connections to nginx (any state), requests sent, unexpected errors (a
-   status other than the kind's expected one, 5xx, socket errors), the interval's rate and CPU.
+   threads, open fds, the proxy's connections to nginx (any state), requests sent, unexpected
+   errors (a status other than the kind's expected one, 5xx, socket errors), the interval's
+   rate and CPU.
 4. 10 s after the load: RSS, threads and fds again; then (information) once more after the
    upstream keep-alive expiry has passed and one request has let the pool drop idle
    connections.
 
 Pass: idle RSS <= 60 MB; (RSS at the end of the load - RSS at 5 min) / RSS at 5 min < 5%, each
 end the median of a minute of samples (``WINDOW_S``; for runs under 10 minutes the reference is
-half-time, and the result is only a smoke check); threads
-back to idle exactly; fds back to idle + 2 (see ``FD_TOLERANCE``) 10 s after the load, not counting
-the pooled keep-alive connections to nginx, and counting them once the pool's expiry has passed. Results:
+half-time, and the result is only a smoke check); threads back to idle exactly; fds back to
+idle + 2 (see ``FD_TOLERANCE``) 10 s after the load, not counting the pooled keep-alive
+connections to nginx, and counting them once the pool's expiry has passed. Results:
 ``bench/results/soak.csv``, ``soak.png``, ``soak.json`` and ``soak.md`` (``--output``).
 """
 
