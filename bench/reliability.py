@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 from bench import machine, services
 
-RESULTS = os.path.join(services.REPO, "bench", "results")
 CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
 FAIL_SHARE = 30  # % of A's calls that fail in the "a-fails-30pct" scenario (half 500, half 503)
 SHARED_PCT = 10
@@ -217,8 +216,7 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     text = render(report)
     print(text)
-    services.write_result(os.path.join(RESULTS, args.output + ".md"), text)
-    services.write_result(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
+    services.write_results(args.output, text, report)
     return 0 if all(t["result"] == "PASS" for t in report["targets"] if not t["info"]) else 1
 
 

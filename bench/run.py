@@ -20,7 +20,6 @@ import psutil
 
 from bench import machine, services
 
-RESULTS = os.path.join(services.REPO, "bench", "results")
 CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
 SHARED_PCT = 10  # other work above this % of one core during a run: the row is not clean
 
@@ -118,8 +117,7 @@ def main(argv=None) -> int:
     report["command"] = " ".join(["python -m bench.run", *map(shlex.quote, args.argv)])
     text = render(report)
     print(text)
-    services.write_result(os.path.join(RESULTS, "latest.md"), text)
-    services.write_result(os.path.join(RESULTS, "latest.json"), json.dumps(report, indent=2) + "\n")
+    services.write_results("latest", text, report)
     return 1 if any(row["errors"] for row in report["rows"]) else 0
 
 

@@ -25,7 +25,6 @@ import redis
 from bench import services
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CHAT = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -109,11 +108,7 @@ def report(rows, args) -> str:
             lines.append(f"\nWORKERS=2 / WORKERS=1, pass-through, Redis {'on' if redis_on else 'off'}:"
                          f" {ratio:.2f}x ({'PASS' if ratio >= 1.6 else 'MISS'}, target 1.6x)")
     text = "\n".join(lines) + "\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "scaleout.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "scaleout.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    services.write_results("scaleout", text, rows)
     return text
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
 PROXY_CORE, LOAD_CORE = "0", "1"  # the proxy alone on core 0; nginx and wrk share core 1
 
 # A fixed OpenAI chat.completion body, served by nginx for every chat request.
@@ -101,6 +102,12 @@ def write_result(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_results(name: str, text: str, data) -> None:
+    """``bench/results/<name>.md`` (the report) and ``<name>.json`` (its raw data)."""
+    write_result(os.path.join(RESULTS, name + ".md"), text)
+    write_result(os.path.join(RESULTS, name + ".json"), json.dumps(data, indent=2) + "\n")
 
 
 def free_port() -> int:

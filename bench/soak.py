@@ -54,7 +54,7 @@ import psutil
 
 from bench import machine, services
 
-RESULTS = os.path.join(services.REPO, "bench", "results")
+
 PATH = "/v1/chat/completions"
 RSS_LIMIT_MB, GROWTH_LIMIT = 60.0, 0.05
 WINDOW_S = 60.0  # each end of the RSS growth comparison: the median of this many seconds
@@ -486,7 +486,7 @@ def run(args) -> dict:
              f"{rate} req/s for {args.minutes:g} min")
         load = Load(proxy.url, auth=auth, rate=rate, seconds=seconds, workers=args.workers)
         sampler = Sampler(pid, upstream_port, load, args.sample, ours,
-                          csv_path=os.path.join(RESULTS, args.output + ".csv"))
+                          csv_path=os.path.join(services.RESULTS, args.output + ".csv"))
         cpu_before = machine.cpu_sample(pid, ours())
         load_start = time.monotonic()
         sampler.start_t = load_start
@@ -596,8 +596,8 @@ def verdict(report):
 
 
 def write(report, name):
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, name)
+    os.makedirs(services.RESULTS, exist_ok=True)
+    base = os.path.join(services.RESULTS, name)
     with open(base + ".csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=Sampler.FIELDS)
         w.writeheader()
@@ -610,10 +610,7 @@ def write(report, name):
         report["plot"] = None
         _log("matplotlib is missing (.venv/bin/pip install matplotlib): no plot")
     text = render(report)
-    for ext, data in ((".md", text), (".json", json.dumps(report, indent=2) + "\n")):
-        with open(base + ext + ".tmp", "w") as f:
-            f.write(data)
-        os.replace(base + ext + ".tmp", base + ext)
+    services.write_results(name, text, report)
     print(text)
     line = "PASS" if report["pass"] else "FAIL"
     print(f"bench.soak: {line}{' (smoke run)' if report['smoke'] else ''}: " + "; ".join(

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 from bench import machine, services
 
-RESULTS = os.path.join(services.REPO, "bench", "results")
 SHARED_PCT = 10
 PATH = "/v1/chat/completions"
 TTFB_TARGET_MS, CHUNK_TARGET_MS = 1.0, 0.2
@@ -59,8 +58,7 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     text = render(report)
     print(text)
-    services.write_result(os.path.join(RESULTS, args.output + ".md"), text)
-    services.write_result(os.path.join(RESULTS, args.output + ".json"), json.dumps(report, indent=2) + "\n")
+    services.write_results(args.output, text, report)
     return 0 if all(t["result"] != "MISS" for t in report["targets"]) else 1
 
 
