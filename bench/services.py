@@ -110,6 +110,18 @@ def write_results(name: str, text: str, data) -> None:
     write_result(os.path.join(RESULTS, name + ".json"), json.dumps(data, indent=2) + "\n")
 
 
+def sse_data(response, limit: int = 100_000):
+    """(time.perf_counter(), line) for each ``data:`` line of an SSE response, reading it to its
+    end so the connection can be reused; bounded by ``limit`` lines."""
+    for _ in range(limit):
+        line = response.readline()
+        if not line:
+            break
+        if line.startswith(b"data:"):
+            yield time.perf_counter(), line
+    response.read()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

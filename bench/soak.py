@@ -282,13 +282,8 @@ class Load:
                     break
             return status, "", False  # the caller closes the socket mid-stream
         done = False
-        for _ in range(10_000):
-            line = response.readline()
-            if not line:
-                break
-            if line.startswith(b"data: [DONE]"):
-                done = True
-        response.read()
+        for _, line in services.sse_data(response, 10_000):  # read to the end: keep-alive
+            done = done or line.startswith(b"data: [DONE]")
         if not done:
             return -2, "stream ended without [DONE]", False
         return status, "", not response.will_close

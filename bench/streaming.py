@@ -157,24 +157,18 @@ def _body(model, stream=True, tag="") -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def read_stream(response, t0):
+def read_stream(response):
     """(t first data line, t [DONE], data events) from an SSE response; the body read to its
     end so the connection can be reused. Bounded: at most 100,000 lines."""
     first = last = None
     events = 0
-    for _ in range(100_000):
-        line = response.readline()
-        if not line:
-            break
-        if line.startswith(b"data:"):
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            if line.startswith(b"data: [DONE]"):
-                last = now
-                continue
+    for now, line in services.sse_data(response):
+        if first is None:
+            first = now
+        if line.startswith(b"data: [DONE]"):
+            last = now
+        else:
             events += 1
-    response.read()
     return first, last, events
 
 
@@ -190,7 +184,7 @@ def ttfb_run(base, n, reps) -> dict:
         try:
             conn.request("POST", PATH, body, headers)
             response = conn.getresponse()
-            first, last, events = read_stream(response, t0)
+            first, last, events = read_stream(response)
         except (OSError, http.client.HTTPException):
             conn.close()
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
@@ -248,20 +242,14 @@ def slow_streams(base, args) -> dict:
                         active[0] += 1
                         active[1] = max(active[1], active[0])
                     prev = None
-                    for _ in range(10_000):
-                        line = response.readline()
-                        if not line:
-                            break
-                        if line.startswith(b"data:"):
-                            now = time.perf_counter()
-                            if prev is not None:
-                                gap = max(gap, now - prev)
-                            prev = now
-                            if line.startswith(b"data: [DONE]"):
-                                complete = True
-                            else:
-                                events += 1
-                    response.read()
+                    for now, line in services.sse_data(response, 10_000):
+                        if prev is not None:
+                            gap = max(gap, now - prev)
+                        prev = now
+                        if line.startswith(b"data: [DONE]"):
+                            complete = True
+                        else:
+                            events += 1
                     with lock:
                         active[0] -= 1
                 else:
