@@ -68,13 +68,16 @@ def live_server(app, threads=8):
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
+        # Workers first: one that finishes a request pulls the trigger, and must not write to
+        # the trigger's pipe once it is closed and its fd number handed to the next server.
+        server.task_dispatcher.shutdown(timeout=1)
+
         # The loop runs while any socket is open: close them all, clients' keep-alive channels
         # included, from inside the loop's own thread.
         def close_all():
             for channel in list(server._map.values()):
                 channel.close()
         server.trigger.pull_trigger(close_all)
-        server.task_dispatcher.shutdown(timeout=1)
         thread.join(timeout=5)
 
 
