@@ -63,6 +63,11 @@ def describe() -> dict:
             "nginx": _first_line([which("nginx"), "-v"])}
 
 
+def summary(m: dict) -> str:
+    """One line for a report: cores, CPU, kernel, Python (from ``describe()``)."""
+    return f"{m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}"
+
+
 def describe_source(source: str) -> str:
     """The proxy code measured: its git commit, marked when the app has uncommitted changes."""
     def git(*args):

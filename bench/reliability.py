@@ -489,7 +489,7 @@ def render(report) -> str:
     hc, cb = s["proxy_config"]["http_client"], s["proxy_config"]["circuit_breaker"]
     lines = [
         f"# llm-proxy reliability benchmark, {report['date']}", "",
-        f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {machine.summary(m)}",
         f"- tools: {m['wrk']}; {m['nginx']}",
         f"- proxy code: {s['source']}",
         f"- command: `{report['command']}`",

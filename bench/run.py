@@ -274,7 +274,7 @@ def render(report) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
         f"# llm-proxy loopback benchmark, {report['date']}", "",
-        f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {machine.summary(m)}",
         f"- tools: {m['wrk']}; {m['nginx']}",
         f"- proxy code: {s['source']}",
         f"- command: `{report['command']}` ({s['duration_s']:g} s runs after {s['warmup_s']:g} s"

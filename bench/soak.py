@@ -655,7 +655,7 @@ def render(report) -> str:
     others_mean = sum(others) / len(others) if others else report["cpu"]["others_cpu_pct"]
     lines = [
         f"# llm-proxy soak, {report['date']}", "",
-        f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {machine.summary(m)}",
         f"- proxy code: {s['source']}", f"- command: `{report['command']}`",
         f"- proxy: `python wsgi.py` on core 0, {', '.join(s['proxy_env'])}; providers: openai "
         f"type -> nginx (`bench-model`), mock (`m`, {MOCK_PROVIDER['chunks']} chunks "

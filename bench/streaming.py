@@ -393,7 +393,7 @@ def render(report) -> str:
     m, st = report["machine"], report["settings"]
     lines = [
         f"# llm-proxy streaming benchmark, {report['date']}", "",
-        f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {machine.summary(m)}",
         f"- proxy code: {st['source']}",
         f"- command: `{report['command']}`",
         f"- proxy: `python wsgi.py` on core 0, THREADS={st['threads']}, LOG_LEVEL=WARNING, "
