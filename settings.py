@@ -52,14 +52,31 @@ class HttpClientSettings:
     backoff_base: float = 0.25
     backoff_max: float = 8.0
     retry_after_max: float = 10.0
-    deadline: float = 120.0
+    deadline: float = 120.0  # a whole (non-stream) answer, every attempt and its body included
+    max_response_mb: float = 32.0  # an upstream body past this (after decompression): 502
 
     def validate(self, path):
-        for name in ("keepalive_expiry", "timeout", "connect_timeout", "deadline"):
+        for name in ("keepalive_expiry", "timeout", "connect_timeout", "deadline",
+                     "max_response_mb"):
             _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
         _check(self.retry_attempts >= 0, f"{path}.retry_attempts", "must be 0 or more")
         _check(self.max_keepalive_connections >= 1, f"{path}.max_keepalive_connections",
                "must be at least 1")
+
+
+@dataclass
+class StreamingSettings:
+    """Bounds on a streamed answer once it has begun (before that, http_client's apply)."""
+    max_event_kb: float = 4096.0  # one SSE event from an upstream; past it the stream ends
+    idle_timeout: float = 300.0  # seconds between two upstream events (bytes may still drip)
+    max_duration: float = 3600.0  # seconds from the request's start to the stream's end
+    keepalive_interval: float = 15.0  # an SSE comment to the client after this much quiet; 0: off
+
+    def validate(self, path):
+        for name in ("max_event_kb", "idle_timeout", "max_duration"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        _check(self.keepalive_interval >= 0, f"{path}.keepalive_interval",
+               "must be 0 (off) or positive")
 
 
 @dataclass
@@ -265,6 +282,7 @@ class Settings:
     admin_api_key: str = ""  # ADMIN_API_KEY; unset: /debug/* is disabled
     server: ServerSettings = field(default_factory=ServerSettings)
     http_client: HttpClientSettings = field(default_factory=HttpClientSettings)
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
     circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -290,6 +308,7 @@ class Settings:
                f"must be development or production, got {self.environment!r}")
         self.server.validate("server")
         self.http_client.validate("http_client")
+        self.streaming.validate("streaming")
         self.circuit_breaker.validate("circuit_breaker")
         self.routing.validate("routing")
         self.cache.validate("cache")
@@ -332,6 +351,11 @@ ENV_VARS = {
     "HTTP_CONNECT_TIMEOUT": ("http_client", "connect_timeout"),
     "HTTP_RETRY_ATTEMPTS": ("http_client", "retry_attempts"),
     "HTTP_DEADLINE": ("http_client", "deadline"),
+    "HTTP_MAX_RESPONSE_MB": ("http_client", "max_response_mb"),
+    "STREAM_MAX_EVENT_KB": ("streaming", "max_event_kb"),
+    "STREAM_IDLE_TIMEOUT": ("streaming", "idle_timeout"),
+    "STREAM_MAX_DURATION": ("streaming", "max_duration"),
+    "STREAM_KEEPALIVE_INTERVAL": ("streaming", "keepalive_interval"),
     "ADMIN_API_KEY": (None, "admin_api_key"),
     "CIRCUIT_BREAKER_FAILURE_THRESHOLD": ("circuit_breaker", "failure_threshold"),
     "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": ("circuit_breaker", "recovery_timeout"),

@@ -54,7 +54,8 @@ class LLMProxy:
         self.router = Router(self.providers, strategy=settings.routing.strategy,
                              load=lambda name: self.bulkheads[name].in_flight)
         self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
-                               clock=clock)
+                               clock=clock,
+                               keepalive_interval=settings.streaming.keepalive_interval)
         c = settings.cache
         # In-process caches; with Redis they are the small fallback behind the shared ones.
         local_caches = build_caches(

@@ -18,6 +18,7 @@ import orjson
 from app.errors import (NoProviderAvailable, ProxyError, UpstreamClientError, UpstreamError,
                         UpstreamTimeout, sse_error_event)
 from app.metrics import NullMetrics
+from app.sse import KEEPALIVE
 
 log = logging.getLogger("llm_proxy.gateway")
 
@@ -50,8 +51,9 @@ class Gateway:
     """The one place that decides which provider answers, and what happens when one fails."""
 
     def __init__(self, router, breakers, bulkheads, admission, *, clock=time.monotonic,
-                 metrics=None):
+                 metrics=None, keepalive_interval: float = 0.0):
         self.metrics = metrics or NullMetrics()
+        self.keepalive_interval = keepalive_interval  # seconds of quiet before ": keepalive"
         self.router = router
         self.breakers = breakers  # BreakerBoard
         self.bulkheads = bulkheads  # provider name -> Bulkhead
@@ -99,7 +101,7 @@ class Gateway:
             raise
         return StreamRelay(first, events, ctx,
                            lambda outcome: self._end_stream(adapter, outcome, latency),
-                           self._orphans)
+                           self._orphans, self.clock, self.keepalive_interval)
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
@@ -107,7 +109,7 @@ class Gateway:
             events, started = None, self.clock()
             try:
                 events = adapter.stream(call, model, ctx)
-                first = next(events)
+                first = self._first_event(events, started)
             except StopIteration:
                 error = UpstreamError(f"provider {adapter.name} sent an empty stream",
                                       provider=adapter.name, kind="truncated")
@@ -126,6 +128,16 @@ class Gateway:
             failures.append(error)
             log.warning("request %s: %s; trying the next provider", ctx.request_id, error.message)
         raise self._exhausted(call, failures, unavailable)
+
+    def _first_event(self, events, started):
+        """The stream's first event. Quiet before it is waited out until the client has waited
+        ``keepalive_interval``; then a keep-alive is the first event, and the stream is
+        committed to this provider (a later failure ends it with an error event)."""
+        event = next(events)
+        while event is KEEPALIVE and not (
+                self.keepalive_interval and self.clock() - started >= self.keepalive_interval):
+            event = next(events)
+        return event
 
     def _attempts(self, call, ctx, unavailable):
         """The candidates that may be tried now, in order, each holding its slots; the ones
@@ -207,13 +219,14 @@ class StreamRelay:
     dropped relay is freed at once, not by the cycle collector in some other code's frame.
     """
 
-    def __init__(self, first, events, ctx, on_end, orphans):
+    def __init__(self, first, events, ctx, on_end, orphans, clock=time.monotonic,
+                 keepalive_interval=0.0):
         self._events = events
         self._on_end = on_end
         self._orphans = orphans
         self._result = [NEUTRAL]  # written by the generator
         self._ended = False
-        self._gen = _relay_events(first, events, ctx, self._result)
+        self._gen = _relay_events(first, events, ctx, self._result, clock, keepalive_interval)
 
     def __iter__(self):
         return self
@@ -240,15 +253,24 @@ class StreamRelay:
             self._on_end(self._result[0])
 
 
-def _relay_events(first, events, ctx, result):
-    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError."""
+def _relay_events(first, events, ctx, result, clock, keepalive_interval):
+    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError.
+
+    ``KEEPALIVE`` from below means the upstream gave nothing for the client: it goes out only
+    when the client has had nothing for ``keepalive_interval`` (0: never).
+    """
     try:
         yield first
+        sent = clock()
         for event in events:
             if ctx.client_disconnected():
                 return  # the finally closes the upstream connection
-            if b'"usage":{' in event or b'"usage": {' in event:
+            if event is KEEPALIVE:
+                if not keepalive_interval or clock() - sent < keepalive_interval:
+                    continue
+            elif b'"usage":{' in event or b'"usage": {' in event:
                 ctx.usage = _usage(event)
+            sent = clock()
             yield event
         result[0] = SUCCESS
     except UpstreamError as e:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.client
 import http.cookiejar
 import random
+import select
+import ssl
 import threading
 import time
 from email.utils import parsedate_to_datetime
@@ -24,8 +26,12 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from app.errors import UpstreamError, UpstreamTimeout
+from app.sse import KEEPALIVE, iter_events
+from settings import StreamingSettings
 
 RETRY_STATUSES = frozenset((429, 502, 503, 504))
+CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
+TICK = 1.0  # the longest a quiet stream's thread waits before it looks up
 STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError,
                  http.client.HTTPException)
 
@@ -61,9 +67,13 @@ class HttpClient:
     """One provider's pooled Session with (connect, read) timeouts and bounded retries."""
 
     def __init__(self, provider: str, settings, *, pool_size: int, read_timeout: float = 0.0,
-                 clock=time.monotonic, sleep=time.sleep, jitter=random.random):
+                 streaming=None, clock=time.monotonic, sleep=time.sleep, jitter=random.random):
         self.provider = provider
         self.settings = settings
+        self.streaming = streaming or StreamingSettings()
+        # How often a quiet stream wakes its thread: keep-alives, idle checks, client gone.
+        self._tick = min(TICK, *(v / 2 for v in (self.streaming.keepalive_interval,
+                                                 self.streaming.idle_timeout) if v))
         self.timeout = (settings.connect_timeout, read_timeout or settings.timeout)
         self.stats = ClientStats()
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
@@ -73,7 +83,12 @@ class HttpClient:
         self._headers = dict(self.session.headers)
 
     def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> requests.Response:
-        """POST with retries; return the final response (any status) or raise UpstreamError."""
+        """POST with retries; the final response (any status but a redirect) or UpstreamError.
+
+        The body of a whole answer is read here, within ``max_response_mb`` and the request's
+        deadline, and so is an error's body and a JSON answer sent where a stream was asked:
+        ``response.content`` is then that body. A stream's body is left to ``events``.
+        """
         self._expire_idle_connections()
         if stream:  # relay bytes as they come: no compression to undo
             headers = {**headers, "Accept-Encoding": "identity"}
@@ -90,8 +105,15 @@ class HttpClient:
                 response = self._adapter.send(
                     self._prepare(url, body, headers), stream=True,
                     timeout=(min(self.timeout[0], remaining), min(self.timeout[1], remaining)))
-                if not stream:
-                    response.content  # read the whole body here, inside the error boundary
+                status = response.status_code
+                if 300 <= status < 400:  # never followed: the provider is misconfigured or hostile
+                    response.close()
+                    raise UpstreamError(f"provider {self.provider} answered HTTP {status}, a "
+                                        "redirect, which the proxy does not follow",
+                                        provider=self.provider, upstream_status=status,
+                                        kind="redirect")
+                if not stream or not 200 <= status < 300 or is_json(response):
+                    self._read_whole(response, ctx)
             except requests.RequestException as e:
                 error = self._translate(e)
                 self._finish(ctx, started, failed=True)
@@ -100,9 +122,12 @@ class HttpClient:
                     raise error from None
                 self._sleep(delay)
                 continue
-            failed = response.status_code >= 500 or response.status_code == 429
+            except UpstreamError:
+                self._finish(ctx, started, failed=True)
+                raise
+            failed = status >= 500 or status == 429
             self._finish(ctx, started, failed)
-            if response.status_code in RETRY_STATUSES:
+            if status in RETRY_STATUSES:
                 delay = self._can_retry(attempt, ctx, response)
                 if delay is not None:
                     response.close()
@@ -110,6 +135,34 @@ class HttpClient:
                     continue
             return response
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def events(self, response: requests.Response, ctx):
+        """The SSE events of a streamed answer as they arrive, and ``KEEPALIVE`` whenever a wait
+        for the upstream completed no event (at least every ``tick`` seconds of quiet), so the
+        caller can send keep-alives and notice a client that left.
+
+        Bounded: an event past ``streaming.max_event_kb``, no event for
+        ``streaming.idle_timeout`` (bytes dripping without an event boundary included), the
+        stream running past ``streaming.max_duration`` from the request's start, or no byte for
+        the read timeout each raise UpstreamError (UpstreamTimeout for the times).
+        """
+        limits, name = self.streaming, self.provider
+        ends_at = ctx.started + limits.max_duration
+        last_event = self._clock()
+        for event in iter_events(self._iter_body(response), provider=name,
+                                 max_event_bytes=int(limits.max_event_kb * 1024)):
+            now = self._clock()
+            if event is not KEEPALIVE:
+                last_event = now
+            elif now - last_event > limits.idle_timeout:
+                raise UpstreamTimeout(f"provider {name} sent no event for "
+                                      f"{limits.idle_timeout:g} s (streaming.idle_timeout)",
+                                      provider=name, kind="idle")
+            if now > ends_at:
+                raise UpstreamTimeout(f"provider {name}: the stream ran past its maximum of "
+                                      f"{limits.max_duration:g} s (streaming.max_duration)",
+                                      provider=name, kind="duration")
+            yield event
 
     def close(self):
         self.session.close()
@@ -173,29 +226,126 @@ class HttpClient:
                 adapter.poolmanager.clear()
 
 
-def iter_raw(response: requests.Response, provider: str):
-    """The body's bytes as they arrive (chunked or not), failures raised as UpstreamError."""
-    raw = response.raw
-    try:
-        while True:
-            data = raw.read1(65536)
-            if not data:
-                return
-            yield data
-    except STREAM_ERRORS as e:
-        timeout = isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
-        kind = UpstreamTimeout if timeout else UpstreamError
-        raise kind(f"provider {provider}: the stream broke off", provider=provider,
-                   kind="timeout" if timeout else "connection") from None
+    def _read_whole(self, response: requests.Response, ctx) -> None:
+        """Read the (decompressed) body into ``response.content``, in pieces as they arrive:
+        past ``max_response_mb`` or the request's deadline it is an UpstreamError."""
+        limit = int(self.settings.max_response_mb * 1024 * 1024)
+        parts, size = [], 0
+        try:
+            while True:
+                remaining = ctx.deadline - self._clock()
+                if remaining <= 0:
+                    raise UpstreamTimeout(f"provider {self.provider}: the answer was still "
+                                          "arriving when the request deadline passed",
+                                          provider=self.provider, kind="timeout")
+                # read1: whatever has arrived, so a body dripping byte by byte still meets the
+                # deadline check; decompressed at most CHUNK at a time (urllib3 >= 2.6)
+                data = response.raw.read1(CHUNK, decode_content=True)
+                if not data:
+                    break
+                size += len(data)
+                if size > limit:
+                    raise UpstreamError(
+                        f"provider {self.provider} sent an answer larger than the limit of "
+                        f"{self.settings.max_response_mb:g} MB (http_client.max_response_mb)",
+                        provider=self.provider, kind="too_large")
+                parts.append(data)
+        except STREAM_ERRORS as e:
+            response.close()
+            raise _broken_off(e, self.provider, "the answer broke off") from None
+        except UpstreamError:
+            response.close()
+            raise
+        response._content = b"".join(parts)  # what requests' own .content would have kept
+        response._content_consumed = True
+
+    def _iter_body(self, response: requests.Response):
+        """A streamed body's bytes as they arrive, and b"" every ``tick`` seconds of silence;
+        silence past the read timeout raises UpstreamTimeout."""
+        ready = _Readiness(response)
+        quiet_since = time.monotonic()  # real time: it measures a real socket's silence
+        try:
+            while True:
+                if not ready.wait(self._tick):
+                    if time.monotonic() - quiet_since >= self.timeout[1]:
+                        raise UpstreamTimeout(f"provider {self.provider}: no answer within the "
+                                              "read timeout", provider=self.provider,
+                                              kind="timeout")
+                    yield b""
+                    continue
+                data = response.raw.read1(CHUNK)
+                if not data:
+                    return
+                quiet_since = time.monotonic()
+                yield data
+        except STREAM_ERRORS as e:
+            raise _broken_off(e, self.provider, "the stream broke off") from None
 
 
-def read_body(response: requests.Response, provider: str) -> bytes:
-    """The whole body of a non-streamed response, failures raised as UpstreamError."""
-    try:
-        return response.content
-    except STREAM_ERRORS:
-        raise UpstreamError(f"provider {provider}: the answer broke off", provider=provider,
-                            kind="connection") from None
+class _Readiness:
+    """Whether a read of a streamed body would wait, and a bounded wait until it would not.
+
+    A socket that polls empty can still have bytes buffered above it (in the BufferedReader
+    http.client reads through, or in TLS's decrypted buffer), and buffered bytes can still
+    leave a read waiting (a chunk's trailing CRLF without the next chunk's size line); both are
+    looked at here. Anything unexpected answers "ready": the read then blocks as it would have
+    without this, up to the socket's read timeout.
+    """
+
+    def __init__(self, response: requests.Response):
+        try:
+            self._http = response.raw._fp  # http.client.HTTPResponse: chunked framing state
+            self._reader = self._http.fp
+            self._sock = self._reader.raw._sock
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN | select.POLLPRI)
+        except (AttributeError, OSError, ValueError):
+            self._poll = None
+
+    def wait(self, seconds: float) -> bool:
+        if self._poll is None:
+            return True
+        try:
+            return self._buffered() or bool(self._poll.poll(seconds * 1000))
+        except Exception:  # a transport this does not know: read (and block) as before
+            return True
+
+    def _buffered(self) -> bool:
+        pending = getattr(self._sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(0)  # peek must not block: it reads the socket when it has nothing
+        try:
+            peeked = self._reader.peek(1)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            peeked = b""
+        finally:
+            self._sock.settimeout(timeout)
+        left = self._http.chunk_left if self._http.chunked else 1
+        if left:
+            return bool(peeked)
+        # At a chunk boundary a read needs the next size line whole (after the CRLF ending the
+        # previous chunk, when one was read).
+        return b"\n" in peeked[2 if left == 0 else 0:]
+
+
+def _broken_off(e: Exception, provider: str, what: str) -> UpstreamError:
+    timeout = isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
+    kind = UpstreamTimeout if timeout else UpstreamError
+    return kind(f"provider {provider}: {what}", provider=provider,
+                kind="timeout" if timeout else "connection")
+
+
+def read_body(response: requests.Response) -> bytes:
+    """The body ``HttpClient.post`` read (a whole answer, an error, or JSON for a stream)."""
+    return response.content
+
+
+def is_json(response: requests.Response) -> bool:
+    """Whether the upstream labelled its body JSON (not SSE, even where a stream was asked)."""
+    kind = response.headers.get("Content-Type", "")
+    return kind.split(";", 1)[0].strip().lower() == "application/json"
 
 
 def retry_after_seconds(value) -> float | None:

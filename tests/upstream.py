@@ -38,6 +38,19 @@ class Stream:
 
 
 @dataclass
+class Body:
+    """Answer with the byte pieces of ``pieces`` (any iterable, endless too) as they come,
+    ``delay`` seconds apart: chunked, or with a Content-Length of ``length``. It stops when the
+    proxy goes away (``FakeUpstream.aborted``) or the server stops; ``FakeUpstream.sent``
+    counts the body bytes written. For giant, dripping, endless and malformed answers."""
+    pieces: object
+    status: int = 200
+    headers: dict = field(default_factory=lambda: {"Content-Type": "application/json"})
+    delay: float = 0.0
+    length: int | None = None
+
+
+@dataclass
 class Reset:
     """Close the connection with a TCP reset; after ``partial`` bytes of a body if given."""
     partial: bytes = b""
@@ -67,6 +80,7 @@ class FakeUpstream:
     def __init__(self, default=None):
         self.requests: list[Recorded] = []
         self.aborted = threading.Event()  # set when a client (the proxy) left mid-stream
+        self.sent = 0  # body bytes written by Body behaviours
         self.default = default or openai_answer
         self._script: list = []
         self._lock = threading.Lock()
@@ -135,6 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(behaviour)
         elif isinstance(behaviour, Stream):
             self._stream(behaviour)
+        elif isinstance(behaviour, Body):
+            self._body(behaviour)
         elif isinstance(behaviour, Reset):
             if behaviour.partial:
                 self.send_response(200)
@@ -189,6 +205,30 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.fake.aborted.set()  # the proxy went away
                 return
         self.wfile.write(b"0\r\n\r\n")
+
+    def _body(self, body: Body):
+        fake = self.server.fake
+        self.send_response(body.status)
+        for k, v in body.headers.items():
+            self.send_header(k, v)
+        chunked = body.length is None
+        self.send_header(*(("Transfer-Encoding", "chunked") if chunked
+                           else ("Content-Length", str(body.length))))
+        self.end_headers()
+        try:
+            for i, piece in enumerate(body.pieces):
+                if i and body.delay and fake.stopping.wait(body.delay):
+                    return
+                if fake.stopping.is_set():
+                    return
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                self.wfile.flush()
+                fake.sent += len(piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            fake.aborted.set()  # the proxy went away
+            self.close_connection = True
 
     def _reset(self):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -12,9 +12,11 @@ import time
 import orjson
 
 from app.errors import InvalidRequest, UpstreamError
-from app.http_client import read_body
+from app.http_client import is_json, read_body
 from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
-from app.providers.base import ProviderAdapter, Reply, parse_json, upstream_failure
+from app.providers.base import (ProviderAdapter, Reply, parse_json, replayed,
+                                upstream_failure)
+from app.validation import MAX_DEPTH, nesting_depth, too_deep
 
 API_VERSION = "2023-06-01"
 
@@ -38,16 +40,7 @@ class AnthropicAdapter(ProviderAdapter):
     def send(self, call, model, ctx) -> Reply:
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
         response = self._post(payload, ctx, stream=False)
-        message = parse_json(read_body(response, self.name), self.name)
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
-            raise UpstreamError(f"provider {self.name} sent an answer that is not a message",
-                                provider=self.name, kind="protocol")
-        created = int(self._clock())
-        if call.endpoint == "completions":
-            answer = text_completion(message, created)
-        else:
-            answer = chat_completion(message, created)
+        answer = self._answer(call, read_body(response))
         return Reply(orjson.dumps(answer), usage=answer.get("usage"))
 
     def stream(self, call, model, ctx):
@@ -55,10 +48,24 @@ class AnthropicAdapter(ProviderAdapter):
         # first event, so the gateway can still fall back to another provider.
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=True)
         response = self._post(payload, ctx, stream=True)
+        if is_json(response):  # a whole message where a stream was asked: replay it as one
+            return replayed(call, self._answer(call, read_body(response)), self.name)
         options = call.body.get("stream_options") or {}
         translator = StreamTranslator(call.endpoint, int(self._clock()), self.name,
                                       include_usage=options.get("include_usage") is True)
-        return relay(response, translator, self.name)
+        return relay(self.http.events(response, ctx), response, translator, self.name)
+
+    def _answer(self, call, body: bytes) -> dict:
+        """The OpenAI answer for a whole Messages API message."""
+        message = parse_json(body, self.name)
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
+            raise UpstreamError(f"provider {self.name} sent an answer that is not a message",
+                                provider=self.name, kind="protocol")
+        created = int(self._clock())
+        if call.endpoint == "completions":
+            return text_completion(message, created)
+        return chat_completion(message, created)
 
     def _post(self, payload: bytes, ctx, *, stream):
         headers = {**self._headers, "X-Request-ID": ctx.request_id}
@@ -219,6 +226,8 @@ def _tool_use(tool_call, param: str) -> dict:
     if not isinstance(arguments, dict) or not isinstance(function.get("name"), str):
         raise InvalidRequest(f"'{param}' needs a function name and arguments as a JSON object.",
                              param=param, code="invalid_value")
+    if nesting_depth(arguments) > MAX_DEPTH:  # parse_body saw a string; the request nests it
+        raise too_deep(f"'{param}.function.arguments'", param=param)
     return {"type": "tool_use", "id": tool_call.get("id") or "", "name": function["name"],
             "input": arguments}
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from app.errors import UpstreamError
-from app.http_client import iter_raw
 from app.providers.base import parse_json
-from app.sse import DONE, data_event, event_field, iter_events
+from app.sse import DONE, KEEPALIVE, data_event, event_field
 
 FINISH_REASONS = {
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
@@ -32,14 +31,20 @@ def usage(anthropic_usage) -> dict:
     return result
 
 
-def relay(response, translator, provider: str):
-    """OpenAI SSE events for an Anthropic event stream; the response is closed at the end."""
+def relay(events, response, translator, provider: str):
+    """OpenAI SSE events for the Anthropic ``events`` of ``response``, closed at the end;
+    ``KEEPALIVE`` for whatever gives the client nothing (pings, quiet), so the gateway decides."""
     try:
-        for event in iter_events(iter_raw(response, provider)):
-            data = event_field(event, b"data")
+        for event in events:
+            data = event_field(event, b"data") if event is not KEEPALIVE else None
             if data is None:
-                continue  # comments and keep-alives
-            yield from translator.feed(parse_json(data, provider))
+                yield KEEPALIVE  # comments, keep-alives, quiet
+                continue
+            translated = translator.feed(parse_json(data, provider))
+            if translated:
+                yield from translated
+            else:
+                yield KEEPALIVE
             if translator.finished:
                 return
         raise UpstreamError(f"provider {provider}: the stream ended before it was complete",

@@ -8,6 +8,7 @@ import orjson
 
 from app.errors import UpstreamClientError, UpstreamError
 from app.http_client import read_body, retry_after_seconds
+from app.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
 
@@ -61,7 +62,7 @@ class ProviderAdapter:
 def upstream_failure(response, provider: str, translate_error=None):
     """The error for a non-2xx upstream answer: retryable failure or the client's own 4xx."""
     status = response.status_code
-    body = read_body(response, provider) if status != 429 else b""
+    body = read_body(response)
     if status == 429 or status >= 500 or status in (401, 403):
         # 401/403 mean our provider key is bad: another provider may serve the client.
         return UpstreamError(
@@ -96,3 +97,20 @@ def parse_json(body: bytes, provider: str):
     except orjson.JSONDecodeError:
         raise UpstreamError(f"provider {provider} sent an answer that is not JSON",
                             provider=provider, kind="protocol") from None
+
+
+def replayed(call, answer, provider: str):
+    """The SSE events of a whole chat or completion answer; UpstreamError when it is none."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        raise UpstreamError(f"provider {provider} sent JSON that is not an answer where a stream "
+                            "was asked", provider=provider, kind="protocol")
+    options = call.body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    try:
+        events = list(replay_events(call.endpoint, orjson.dumps(answer),
+                                    include_usage=include_usage))
+    except (ValueError, TypeError, AttributeError):
+        raise UpstreamError(f"provider {provider} sent an answer that cannot be replayed as a "
+                            "stream", provider=provider, kind="protocol") from None
+    return (event for event in events)  # a generator: the gateway closes what it relays

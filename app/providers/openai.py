@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 
 from app.errors import UpstreamError
-from app.http_client import iter_raw, read_body
-from app.providers.base import ProviderAdapter, Reply, parse_json, upstream_failure
-from app.sse import DONE, event_field, iter_events
+from app.http_client import is_json, read_body
+from app.providers.base import (ProviderAdapter, Reply, parse_json, replayed,
+                                upstream_failure)
+from app.sse import DONE, KEEPALIVE, event_field
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
@@ -37,13 +38,16 @@ class OpenAIAdapter(ProviderAdapter):
 
     def send(self, call, model, ctx) -> Reply:
         response = self._post(call, model, ctx, stream=False)
-        body = read_body(response, self.name)
+        body = read_body(response)
         answer = parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
         usage = answer.get("usage") if isinstance(answer, dict) else None
         return Reply(body, usage=usage if isinstance(usage, dict) else None)
 
     def stream(self, call, model, ctx):
-        return self._relay(self._post(call, model, ctx, stream=True))
+        response = self._post(call, model, ctx, stream=True)
+        if is_json(response):  # a whole answer where a stream was asked: replay it as one
+            return replayed(call, parse_json(read_body(response), self.name), self.name)
+        return self._relay(response, ctx)
 
     def _post(self, call, model, ctx, *, stream):
         headers = {**self._headers, "X-Request-ID": ctx.request_id}
@@ -56,14 +60,15 @@ class OpenAIAdapter(ProviderAdapter):
                 response.close()
         return response
 
-    def _relay(self, response):
+    def _relay(self, response, ctx):
         """The upstream's SSE events re-emitted one by one until ``[DONE]``."""
         finished = started = False
         try:
-            for event in iter_events(iter_raw(response, self.name)):
-                data = event_field(event, b"data")
+            for event in self.http.events(response, ctx):
+                data = event_field(event, b"data") if event is not KEEPALIVE else None
                 if data is None:
-                    continue  # comments and keep-alives
+                    yield KEEPALIVE  # comments, keep-alives, quiet: the gateway decides
+                    continue
                 if data == b"[DONE]":
                     if not started:
                         break  # nothing but [DONE]: a broken answer, not an empty one
@@ -78,3 +83,4 @@ class OpenAIAdapter(ProviderAdapter):
             yield DONE  # some compatible servers end without [DONE] after the last choice
         finally:
             response.close()
+
