@@ -1,13 +1,15 @@
 """The response cache on the request path: lookups, coalescing, stores and stale-if-error.
 
 Every answer says what the cache did (``ctx.cache``, sent as ``X-Cache``): HIT (with ``Age``),
-MISS, BYPASS (not consulted: caching off for the model, or ``Cache-Control: no-cache``) or
-STALE (every provider failed; an answer past its TTL but within ``stale_ttl`` was served).
+MISS, BYPASS (not consulted: caching off for the model, ``Cache-Control: no-cache``, or a
+request it cannot compute a key for) or STALE (every provider failed; an answer past its TTL
+but within ``stale_ttl`` was served).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass
 
@@ -15,6 +17,8 @@ from app.cache import request_key
 from app.errors import NoProviderAvailable, UpstreamError
 from app.providers import Reply
 from app.replay import StreamAssembler, replay_events
+
+log = logging.getLogger("llm_proxy.response_cache")
 
 HIT, MISS, BYPASS, STALE = "HIT", "MISS", "BYPASS", "STALE"
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
@@ -61,10 +65,10 @@ class ResponseCache:
 
     def complete(self, call, ctx, policy: CachePolicy, fetch) -> Reply:
         """A whole answer: from the cache, from an identical request in flight, or ``fetch()``."""
-        if not (policy.read or policy.write):
+        key = self._key(call, ctx) if policy.read or policy.write else None
+        if key is None:
             ctx.cache = BYPASS
             return fetch()
-        key = self.key(call)
         if policy.read and self._hit(key, policy, ctx):
             return Reply(ctx.cached.value)
         ctx.cache = MISS if policy.read else BYPASS
@@ -90,10 +94,10 @@ class ResponseCache:
     def stream(self, call, ctx, policy: CachePolicy, open_stream):
         """SSE events: a cached answer replayed, or the live stream (stored once it completes)."""
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-        if not (policy.read or policy.write):
+        key = self._key(call, ctx) if policy.read or policy.write else None
+        if key is None:
             ctx.cache = BYPASS
             return open_stream()
-        key = self.key(call)
         if policy.read and self._hit(key, policy, ctx):
             return replay_events(call.endpoint, ctx.cached.value, include_usage=include_usage)
         ctx.cache = MISS if policy.read else BYPASS
@@ -107,6 +111,16 @@ class ResponseCache:
             return relay
         return RecordingStream(relay, StreamAssembler(call.endpoint),
                                lambda body: self.store.set(key, body))
+
+    def _key(self, call, ctx) -> str | None:
+        """The request's key, or None when it cannot be computed (the request then bypasses
+        the cache): a request the cache cannot handle is still served."""
+        try:
+            return self.key(call)
+        except Exception as e:  # e.g. orjson refusing a body that parse_body let through
+            log.warning("request %s: no cache key (%s: %s); bypassing the cache",
+                        ctx.request_id, type(e).__name__, e)
+            return None
 
     def _hit(self, key, policy, ctx) -> bool:
         entry = self.store.get(key, policy.max_age)
@@ -125,7 +139,11 @@ class ResponseCache:
 
 class RecordingStream:
     """Passes a stream's events through, and hands the assembled answer to ``store`` once the
-    stream completed cleanly. ``close()`` reaches the stream underneath."""
+    stream completed cleanly. ``close()`` reaches the stream underneath.
+
+    Recording never breaks the relay: should the assembler or the store raise, the answer is
+    just not stored (``StreamAssembler`` is meant never to raise; this is the second guard).
+    """
 
     def __init__(self, relay, assembler, store):
         self._relay = relay
@@ -139,14 +157,27 @@ class RecordingStream:
         try:
             event = next(self._relay)
         except StopIteration:
-            body = self._assembler.result()
-            if body is not None:
-                self._store(body)
-                self._assembler = None
+            self._record()
             raise
         if self._assembler is not None:
-            self._assembler.feed(event)
+            try:
+                self._assembler.feed(event)
+            except Exception:
+                log.warning("a stream's event broke its recording; it is relayed, not stored",
+                            exc_info=True)
+                self._assembler = None
         return event
+
+    def _record(self):
+        assembler, self._assembler = self._assembler, None
+        if assembler is None:
+            return
+        try:
+            body = assembler.result()
+            if body is not None:
+                self._store(body)
+        except Exception:
+            log.warning("a stream's answer could not be stored", exc_info=True)
 
     def close(self):
         self._relay.close()

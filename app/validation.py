@@ -6,6 +6,12 @@ import orjson
 
 from app.errors import InvalidRequest
 
+# orjson reads 1024 levels of arrays and objects but writes only about 254, and the proxy writes
+# what it read (cache keys, alias rewrites, the Anthropic translation, which puts the client's
+# values a few levels deeper): deeper bodies are refused at parse time, with a wide margin.
+MAX_DEPTH = 128
+_CONTAINERS = frozenset((dict, list))
+
 _TYPES = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,),
@@ -45,7 +51,35 @@ def parse_body(raw: bytes) -> dict:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if nesting_depth(body) > MAX_DEPTH:
+        raise too_deep("The request body")
     return body
+
+
+def nesting_depth(value, limit: int = MAX_DEPTH) -> int:
+    """Levels of arrays and objects in a value parsed by orjson (a scalar is 0, ``{}`` is 1),
+    counted up to ``limit + 1``: enough to tell that it is too deep.
+
+    Level by level, without recursion. It visits each element of each array and object once,
+    as ``orjson.loads`` did: on a 50 KB body of 1,200 small objects it costs about what parsing
+    did (~95 us each), on 50 KB of long strings far less (0.6 us vs 9.5 us). Not gated on a
+    count of the raw brackets: that scans every byte, and cost more than the walk itself on most
+    bodies measured (24 us on 50 KB of text).
+    """
+    level, depth = ([value] if type(value) in _CONTAINERS else []), 0
+    while level and depth <= limit:
+        depth += 1
+        level = [child for node in level
+                 for child in (node.values() if type(node) is dict else node)
+                 if type(child) in _CONTAINERS]
+    return depth
+
+
+def too_deep(what: str, param: str | None = None) -> InvalidRequest:
+    """The error for JSON nested deeper than MAX_DEPTH levels."""
+    return InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep; the proxy accepts "
+                          f"at most {MAX_DEPTH} levels of arrays and objects.", param=param,
+                          code="invalid_json")
 
 
 def validate(endpoint: str, body: dict) -> dict:

@@ -285,3 +285,16 @@ def test_a_client_that_leaves_a_quiet_stream_frees_its_slot_at_once(make_app, up
         while in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert in_flight() == 0
+
+
+def test_an_anthropic_tool_input_nested_too_deep_to_write_back_is_a_502(make_app, upstream):
+    deep = {}
+    for _ in range(300):
+        deep = {"x": deep}
+    answer = message(("toolu_1", "f", {}), stop_reason="tool_use").model_dump(mode="json")
+    answer["content"][0]["input"] = deep
+    upstream.script(Reply(raw=json.dumps(answer).encode()))
+    app = make_app([{"name": "claude", "type": "anthropic", "base_url": upstream.url,
+                     "models": ["claude-test"]}])
+    response = app.test_client().post("/v1/chat/completions", json={**CHAT, "model": "claude-test"})
+    assert response.status_code == 502 and "written back" in error_of(response)["message"]

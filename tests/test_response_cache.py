@@ -6,6 +6,8 @@ import json
 import pytest
 import requests
 
+from app.gateway import RequestContext
+from app.providers import Call, Reply as WholeAnswer
 from tests.conftest import FakeClock, live_server, provider
 from tests.upstream import Reply, Stream, chat_chunks, chat_completion
 
@@ -152,6 +154,33 @@ def test_tool_calls_survive_the_round_trip_through_the_cache(app, upstream):
     first = json.loads(events[0])["choices"][0]["delta"]
     assert first["tool_calls"][0]["function"]["name"] == "get_weather"
     assert json.loads(events[1])["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_request_whose_cache_key_cannot_be_computed_bypasses_the_cache(app):
+    """No body that parse_body accepts fails request_key today, so ResponseCache is driven
+    directly, with a body orjson cannot write (too deep): served, never cached, never a 500."""
+    responses = app.extensions["llm_proxy"].responses
+    deep = []
+    for _ in range(300):
+        deep = [deep]
+    policy = responses.policy("gpt-test", "")
+    fetched = []
+
+    def fetch():
+        fetched.append(1)
+        return WholeAnswer(b'{"ok": true}')
+
+    for _ in range(2):
+        ctx = RequestContext("req-1", 0.0, 60.0)
+        assert responses.complete(Call("chat", {**CHAT, "x": deep}), ctx, policy,
+                                  fetch).body == b'{"ok": true}'
+        assert ctx.cache == "BYPASS"
+    ctx = RequestContext("req-2", 0.0, 60.0)
+    events = iter([b"data: [DONE]\n\n"])
+    call = Call("chat", {**CHAT, "x": deep, "stream": True}, stream=True)
+    assert responses.stream(call, ctx, policy, lambda: events) is events
+    assert ctx.cache == "BYPASS"
+    assert len(fetched) == 2 and len(responses.store) == 0
 
 
 def test_identical_concurrent_requests_reach_the_upstream_once(make_app, upstream):

@@ -9,8 +9,10 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from app.validation import MAX_DEPTH
+from tests.anthropic_upstream import anthropic_answer
 from tests.conftest import FakeClock, live_server, provider
-from tests.upstream import Hang, Reply, chat_completion
+from tests.upstream import FakeUpstream, Hang, Reply, chat_completion
 
 KEY_A, KEY_B, ADMIN = "sk-alpha-0123456789abcdef", "sk-bravo-0123456789abcdef", "admin-key-xyz-123"
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -244,3 +246,63 @@ def test_arbitrary_bodies_never_cause_a_500_or_a_non_json_error(fuzz_app, path, 
     if response.status_code >= 400:
         error = json.loads(data)["error"]
         assert set(error) == {"message", "type", "param", "code"}
+
+
+def nested_chat(depth, model="gpt-test"):
+    """A chat body whose one message's content is ``depth`` arrays deep (the body: depth + 3)."""
+    content = b"[" * depth + b"]" * depth
+    return b'{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (
+        model.encode(), content)
+
+
+NESTING_SETUPS = {  # each re-serialises the body: a cache key, an alias rewrite
+    "plain": ({}, "gpt-test"),
+    "cache": ({"cache": {"enabled": True}}, "gpt-test"),
+    "alias": ({}, "alias-x"),
+}
+
+
+@pytest.mark.parametrize("setup", NESTING_SETUPS)
+@pytest.mark.parametrize("depth", [200, 252, 300, 1021])
+def test_json_nested_deeper_than_the_proxy_can_reserialise_is_a_400(make_app, upstream, setup,
+                                                                   depth):
+    """orjson parses 1024 levels but writes only about 254: such bodies are refused at once."""
+    sections, model = NESTING_SETUPS[setup]
+    app = make_app([provider(upstream.url, aliases={"alias-x": "gpt-test"})], **sections)
+    response = app.test_client().post("/v1/chat/completions", data=nested_chat(depth, model))
+    assert response.status_code == 400, response.data
+    error = response.json["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_json" and str(MAX_DEPTH) in error["message"]
+    assert upstream.calls == 0
+
+
+@pytest.mark.parametrize("setup", NESTING_SETUPS)
+def test_the_nesting_limit_is_exact_at_its_edge(make_app, upstream, setup):
+    """A body MAX_DEPTH levels deep is served; one level more is refused."""
+    sections, model = NESTING_SETUPS[setup]
+    app = make_app([provider(upstream.url, aliases={"alias-x": "gpt-test"})], **sections)
+    client = app.test_client()
+    served = client.post("/v1/chat/completions", data=nested_chat(MAX_DEPTH - 3, model))
+    assert served.status_code == 200, served.data
+    refused = client.post("/v1/chat/completions", data=nested_chat(MAX_DEPTH - 2, model))
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "invalid_json"
+    assert upstream.calls == 1
+
+
+def test_tool_arguments_nested_too_deep_for_anthropic_are_a_400(make_app):
+    """The Anthropic translation parses a tool call's arguments string into the new body."""
+    with FakeUpstream(default=anthropic_answer) as fake:
+        app = make_app([{"name": "claude", "type": "anthropic", "base_url": fake.url,
+                         "models": ["claude-test"]}])
+        arguments = '{"a": ' * 300 + "1" + "}" * 300
+        body = {"model": "claude-test", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "t1", "type": "function",
+                 "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": "ok"}]}
+        response = app.test_client().post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.data
+        assert set(response.json["error"]) == {"message", "type", "param", "code"}
+        assert fake.calls == 0

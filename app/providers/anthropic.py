@@ -63,9 +63,13 @@ class AnthropicAdapter(ProviderAdapter):
             raise UpstreamError(f"provider {self.name} sent an answer that is not a message",
                                 provider=self.name, kind="protocol")
         created = int(self._clock())
-        if call.endpoint == "completions":
-            return text_completion(message, created)
-        return chat_completion(message, created)
+        try:
+            if call.endpoint == "completions":
+                return text_completion(message, created)
+            return chat_completion(message, created)
+        except orjson.JSONEncodeError:  # a tool input nested past what JSON writers take
+            raise UpstreamError(f"provider {self.name} sent an answer that cannot be written "
+                                "back as JSON", provider=self.name, kind="protocol") from None
 
     def _post(self, payload: bytes, ctx, *, stream):
         headers = {**self._headers, "X-Request-ID": ctx.request_id}
