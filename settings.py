@@ -32,6 +32,8 @@ class ServerSettings:
     channel_timeout: int = 120
     max_request_body_mb: float = 10.0
     workers: int = 1  # waitress processes sharing the port (SO_REUSEPORT), supervised
+    header_timeout: float = 30.0  # seconds a connection may take to send a request's headers
+    max_header_kb: int = 64  # request line and headers; larger: 431
 
     def validate(self, path):
         _check(self.workers >= 1, f"{path}.workers", "must be at least 1")
@@ -39,6 +41,8 @@ class ServerSettings:
         _check(self.threads >= 1, f"{path}.threads", "must be at least 1")
         _check(self.connection_limit >= 1, f"{path}.connection_limit", "must be at least 1")
         _check(self.max_request_body_mb > 0, f"{path}.max_request_body_mb", "must be positive")
+        _check(self.header_timeout > 0, f"{path}.header_timeout", "must be positive")
+        _check(self.max_header_kb >= 1, f"{path}.max_header_kb", "must be at least 1")
 
 
 @dataclass
@@ -344,6 +348,8 @@ ENV_VARS = {
     "CONNECTION_LIMIT": ("server", "connection_limit"),
     "CHANNEL_TIMEOUT": ("server", "channel_timeout"),
     "MAX_REQUEST_BODY_MB": ("server", "max_request_body_mb"),
+    "HEADER_TIMEOUT": ("server", "header_timeout"),
+    "MAX_HEADER_KB": ("server", "max_header_kb"),
     "HTTP_MAX_CONNECTIONS": ("http_client", "max_connections"),
     "HTTP_MAX_KEEPALIVE_CONNECTIONS": ("http_client", "max_keepalive_connections"),
     "HTTP_KEEPALIVE_EXPIRY": ("http_client", "keepalive_expiry"),

@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_flask_exporter import PrometheusMetrics
 
 from app.http_client import combined_stats
+from app.server import REJECTION_REASONS
+from app.supervision import read_state
 
 MAX_MODELS = 200
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,6 +40,9 @@ class NullMetrics:
         pass
 
     def request_done(self, ctx, model, seconds, streamed):
+        pass
+
+    def rejected(self, reason):
         pass
 
 
@@ -69,7 +74,8 @@ class ProxyMetrics:
             "(success, client_error, failure)", ["provider", "outcome"], registry=r)
         self.upstream_errors = Counter(
             "llm_proxy_upstream_errors_total", "Provider failures by kind (connect, timeout, "
-            "connection, status, protocol, truncated)", ["provider", "kind"], registry=r)
+            "connection, status, protocol, truncated, too_large, redirect, idle, duration)",
+            ["provider", "kind"], registry=r)
         self.upstream_latency = Histogram(
             "llm_proxy_upstream_latency_seconds", "Time a provider took to answer (to the first "
             "event for streams), retries included", ["provider"], buckets=LATENCY_BUCKETS,
@@ -83,7 +89,13 @@ class ProxyMetrics:
         self.cache_results = Counter(
             "llm_proxy_cache_results_total", "Answers by what the response cache did "
             "(HIT, MISS, BYPASS, STALE)", ["result"], registry=r)
+        self.rejected_requests = Counter(
+            "llm_proxy_rejected_requests_total", "Requests the server refused or cut off before "
+            "the app saw them (app/server.py), by reason", ["reason"], registry=r)
+        for reason in REJECTION_REASONS:  # every series from 0, so rate() sees the first one
+            self.rejected_requests.labels(reason)
         r.register(_StateCollector(llm_proxy))
+        r.register(_SupervisorCollector())
         self._models: set[str] = set()
         self._lock = threading.Lock()
         self._children: dict[tuple, object] = {}
@@ -119,6 +131,10 @@ class ProxyMetrics:
                 count = usage.get(f"{kind}_tokens")
                 if isinstance(count, int) and count > 0:
                     self._child(self.tokens, ctx.provider, label, kind).inc(count)
+
+    def rejected(self, reason):
+        """A request refused at the server's header stage (``reason``: REJECTION_REASONS)."""
+        self._child(self.rejected_requests, reason).inc()
 
     def _child(self, metric, *labels):
         """The labelled child, kept: prometheus_client's labels() validates and locks each call."""
@@ -202,6 +218,33 @@ class _StateCollector:
                                     value=PRESSURE_LEVELS.get(memory.get("pressure"), 0))
 
 
+class _SupervisorCollector:
+    """Under ``WORKERS=N``: the supervisor's restart counts, read from the file it publishes
+    (app/supervision.py). Every worker reports the same figures (aggregate with ``max``, not
+    ``sum``); a process that is not supervised reports none."""
+
+    def collect(self):
+        state = read_state()
+        if state is None:
+            return
+        restarts = CounterMetricFamily("llm_proxy_worker_restarts",
+                                       "Times the supervisor restarted a worker slot",
+                                       labels=["worker"])
+        delay = GaugeMetricFamily("llm_proxy_worker_restart_delay_seconds",
+                                  "The slot's last restart delay (backoff); 0 once healthy",
+                                  labels=["worker"])
+        workers = GaugeMetricFamily("llm_proxy_workers", "Worker slots by state: running, or "
+                                    "waiting out a restart delay", labels=["state"])
+        counts = {"running": 0, "waiting": 0}
+        for slot in state["workers"]:
+            restarts.add_metric([str(slot["worker"])], slot["restarts"])
+            delay.add_metric([str(slot["worker"])], slot["delay"])
+            counts[slot["state"]] = counts.get(slot["state"], 0) + 1
+        for name, count in counts.items():
+            workers.add_metric([name], count)
+        yield from (restarts, delay, workers)
+
+
 def _rss_bytes(memory) -> float:
     if memory and memory.get("rss_mb") is not None:
         return memory["rss_mb"] * 1024 * 1024
@@ -227,4 +270,5 @@ def json_view(llm_proxy) -> dict:
         "caches": caches,
         "circuit_breakers": p.breakers.snapshot(),
         **({"redis": p.shared.stats()} if p.shared is not None else {}),
+        **({"supervisor": supervisor} if (supervisor := read_state()) is not None else {}),
     }

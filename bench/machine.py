@@ -81,5 +81,7 @@ def describe_source(source: str) -> str:
 
 
 def _first_line(argv) -> str:
+    if argv[0] is None:
+        return "not installed"
     done = subprocess.run(argv, capture_output=True, text=True)
     return (done.stdout + done.stderr).strip().splitlines()[0]

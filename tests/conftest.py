@@ -9,9 +9,8 @@ import uuid
 
 import pytest
 import redis
-from waitress.server import create_server
-
 from app import create_app
+from app.server import build_server
 from settings import build_settings
 from tests.upstream import FakeUpstream
 
@@ -60,9 +59,10 @@ def make_app():
 
 @contextlib.contextmanager
 def live_server(app, threads=8):
-    """Serve ``app`` with waitress on a free loopback port; yields the base URL."""
-    server = create_server(app, host="127.0.0.1", port=0, threads=threads,
-                           channel_request_lookahead=1, asyncore_loop_timeout=0.05)
+    """Serve ``app`` on a free loopback port with the production server (app/server.py: its
+    options, poll loop and header-stage checks); yields the base URL."""
+    server = build_server(app, host="127.0.0.1", port=0, threads=threads,
+                          channel_request_lookahead=1, asyncore_loop_timeout=0.05)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from app.supervision import SupervisorState
 from app.workers import Supervisor, worker_count
+from tests.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,12 +132,194 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
         out.close()
 
 
-def test_a_crash_loop_stops_the_supervisor():
-    supervisor = Supervisor([sys.executable, "-c", "raise SystemExit(3)"], 2, restart_delay=0,
-                            max_restarts_per_minute=4, poll_interval=0.02)
-    started = time.monotonic()
-    assert supervisor.run() == 1
-    assert time.monotonic() - started < 10 and supervisor.pids() == []
+def _exits_at_once(started, clock):
+    """A command whose worker exits with status 3 and has already exited when returned (so the
+    supervisor's next poll sees it, however slowly the process ran); records each start's time."""
+    def command(index):
+        started.append(clock())
+        proc = subprocess.Popen(["sh", "-c", "exit 3"])
+        proc.wait(timeout=10)
+        return proc
+    return command
+
+
+def _delays_logged(caplog) -> list[float]:
+    return [float(d) for d in re.findall(r"restarting in ([\d.]+) s", caplog.text)]
+
+
+def test_a_worker_that_keeps_crashing_is_restarted_after_growing_capped_delays_forever(caplog):
+    clock, started = FakeClock(start=0.0), []
+
+    def wait(seconds):  # each poll, the fake time moves on by the poll interval
+        clock.advance(seconds)
+        return clock() >= 120.0  # two minutes of crashes, then stop
+
+    supervisor = Supervisor(_exits_at_once(started, clock), 1, restart_delay=0.5,
+                            max_restart_delay=4.0, poll_interval=0.1, clock=clock, wait=wait)
+    with caplog.at_level(logging.WARNING, logger="llm_proxy.workers"):
+        assert supervisor.run() == 0  # ran the two minutes: it never gave up
+    delays = [0.5, 1.0, 2.0] + [4.0] * (len(started) - 4)
+    assert _delays_logged(caplog)[:len(delays)] == delays
+    assert "exited with status 3; restarting in 4.0 s (restart 4)" in caplog.text
+    # the exit is seen at the next poll, and the restart made at the first poll after the delay
+    for delay, (before, after) in zip(delays, zip(started, started[1:])):
+        assert delay <= after - before <= delay + 2 * 0.1 + 1e-6
+    assert len(started) > 25  # still restarting every ~4 s, far past 10 restarts a minute
+    assert len(started) - 1 <= supervisor.snapshot()["workers"][0]["restarts"] <= len(started)
+
+
+def test_a_worker_that_stays_up_healthy_after_seconds_starts_its_slot_from_the_first_delay(
+        caplog):
+    clock, started, live = FakeClock(start=0.0), [], []
+    crashing = _exits_at_once(started, clock)
+
+    def command(index):  # the fourth start is a worker that stays up until killed
+        if len(started) != 3:
+            return crashing(index)
+        started.append(clock())
+        live.append(subprocess.Popen(["sleep", "30"]))
+        return live[0]
+
+    def wait(seconds):
+        clock.advance(seconds)
+        if live and live[0].poll() is None and clock() - started[3] >= 70.0:
+            live[0].kill()  # up 70 s, past healthy_after, then it dies
+            live[0].wait(timeout=10)
+        return len(started) >= 6
+
+    supervisor = Supervisor(command, 1, restart_delay=0.5, max_restart_delay=30.0,
+                            healthy_after=60.0, poll_interval=0.1, clock=clock, wait=wait)
+    with caplog.at_level(logging.WARNING, logger="llm_proxy.workers"):
+        assert supervisor.run() == 0
+    assert _delays_logged(caplog) == [0.5, 1.0, 2.0, 0.5, 1.0]
+    assert "exited with status -9; restarting in 0.5 s (restart 4)" in caplog.text
+
+
+def _worker_env(tmp_path, port, **extra):
+    config = tmp_path / "proxy.yaml"
+    config.write_text("providers: [{name: mock, type: mock, models: [m]}]\n")
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4",
+           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING", **extra}
+    env.pop("WORKER_INDEX", None)
+    return env
+
+
+def test_a_healthy_worker_keeps_serving_while_another_slot_crash_loops(tmp_path):
+    port = _free_port()
+    env = _worker_env(tmp_path, port)
+    out = open(tmp_path / "worker.log", "wb")
+
+    def command(index):  # slot 0: a real worker; slot 1: one that dies as it starts
+        if index == 0:
+            return subprocess.Popen([sys.executable, "-m", "app.workers"], cwd=REPO,
+                                    env={**env, "WORKER_INDEX": "0"}, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        return subprocess.Popen(["sh", "-c", "exit 3"])
+
+    supervisor = Supervisor(command, 2, restart_delay=0.025, max_restart_delay=0.1,
+                            poll_interval=0.01)
+    runner = threading.Thread(target=supervisor.run)
+    runner.start()
+    try:
+        serving = _wait_for(lambda: _pid(port), 30)
+        assert serving, (tmp_path / "worker.log").read_text()
+        first = supervisor.snapshot()["workers"][1]["restarts"]
+        answered = set()
+
+        def crashed_a_dozen_more_times():
+            answered.add(_pid(port))
+            return supervisor.snapshot()["workers"][1]["restarts"] >= first + 12
+
+        assert _wait_for(crashed_a_dozen_more_times, 15)
+        assert answered == {serving}  # every request answered, by the same worker
+        assert runner.is_alive() and serving in supervisor.pids()
+        healthy, crashing = supervisor.snapshot()["workers"]
+        assert healthy["restarts"] == 0 and healthy["state"] == "running"
+        assert crashing["delay"] == 0.1  # backing off at the cap
+    finally:
+        supervisor.stop()
+        runner.join(timeout=20)
+        out.close()
+    assert not runner.is_alive()
+
+
+def _get_text(port, path, timeout=2.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def test_a_killed_workers_restart_shows_in_every_workers_metrics(tmp_path):
+    port = _free_port()
+    out = open(tmp_path / "supervisor.log", "wb")
+    supervisor = subprocess.Popen([sys.executable, "-m", "app.workers"], cwd=REPO,
+                                  env=_worker_env(tmp_path, port, WORKERS="2"), stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def supervised():
+            try:
+                status, body = _get_json(port, "/metrics?format=json")
+            except (OSError, http.client.HTTPException):
+                return None
+            slots = body.get("supervisor", {}).get("workers", [])
+            return slots if [s["state"] for s in slots] == ["running", "running"] else None
+
+        slots = _wait_for(supervised, 30)
+        assert slots, (tmp_path / "supervisor.log").read_text()
+        state_file = psutil.Process(slots[0]["pid"]).environ()["SUPERVISOR_STATE"]
+        victim = slots[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        wanted = ('llm_proxy_worker_restarts_total{worker="0"} 0.0',
+                  'llm_proxy_worker_restarts_total{worker="1"} 1.0',
+                  'llm_proxy_workers{state="running"} 2.0')
+
+        def restart_reported():
+            try:
+                text = _get_text(port, "/metrics")
+            except (OSError, http.client.HTTPException):
+                return None
+            return all(line in text for line in wanted)
+
+        assert _wait_for(restart_reported, 15), _get_text(port, "/metrics")
+        status, body = _get_json(port, "/metrics?format=json")
+        assert body["supervisor"]["restarts"] == 1
+        assert body["supervisor"]["workers"][1]["pid"] not in (None, victim)
+
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=20) == 0
+        assert not os.path.exists(os.path.dirname(state_file))  # removed with the supervisor
+        log = (tmp_path / "supervisor.log").read_text()
+        assert "exited with status -9; restarting in 0.5 s (restart 1)" in log
+    finally:
+        _kill_tree(supervisor)
+        out.close()
+
+
+def test_a_worker_reports_its_supervisors_counts_and_an_unsupervised_one_reports_none(
+        make_app, monkeypatch):
+    app = make_app([{"name": "mock", "type": "mock", "models": ["m"]}])
+    client = app.test_client()
+    alone = client.get("/metrics").get_data(as_text=True)
+    assert "llm_proxy_worker" not in alone and "llm_proxy_workers" not in alone
+    assert "supervisor" not in client.get("/metrics?format=json").get_json()
+
+    with SupervisorState() as state:
+        state.publish({"pid": 1, "restarts": 3, "workers": [
+            {"worker": 0, "pid": 10, "state": "running", "restarts": 0, "delay": 0.0},
+            {"worker": 1, "pid": None, "state": "waiting", "restarts": 3, "delay": 2.0}]})
+        monkeypatch.setenv("SUPERVISOR_STATE", state.path)
+        text = client.get("/metrics").get_data(as_text=True)
+        for line in ('llm_proxy_worker_restarts_total{worker="1"} 3.0',
+                     'llm_proxy_worker_restart_delay_seconds{worker="1"} 2.0',
+                     'llm_proxy_workers{state="running"} 1.0',
+                     'llm_proxy_workers{state="waiting"} 1.0'):
+            assert line in text
+        assert client.get("/metrics?format=json").get_json()["supervisor"]["restarts"] == 3
+    assert "llm_proxy_workers" not in client.get("/metrics").get_data(as_text=True)  # file gone
 
 
 def test_stop_ends_every_worker_even_one_that_ignores_sigterm(tmp_path):
