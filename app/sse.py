@@ -45,7 +45,7 @@ def iter_events(chunks, *, max_event_bytes: int = 0, provider: str = ""):
         if max_event_bytes and len(buffer) > max_event_bytes:
             raise UpstreamError(
                 f"provider {provider} sent an SSE event larger than the limit of "
-                f"{max_event_bytes} bytes (streaming.max_event_kb)", provider=provider,
+                f"{max_event_bytes / 1024:g} KB (streaming.max_event_kb)", provider=provider,
                 kind="too_large")
         if not found:
             yield KEEPALIVE

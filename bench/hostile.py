@@ -126,7 +126,8 @@ def measure(proxy, pid, case, stream, timeout) -> dict:
     stop.set()
     sampler.join()
     status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "?"
-    last = answer.rfind(b"data: ") if stream else answer.find(b"\r\n\r\n") + 4
+    body = answer.find(b"\r\n\r\n") + 4
+    last = max(body, answer.rfind(b"data: "))  # a stream's last event, else the whole body
     tail = answer[last:].split(b"\n", 1)[0][:200].decode(errors="replace")
     return {"case": case, "status": status, "seconds": round(seconds, 2),
             "cpu_seconds": round(sum(process.cpu_times()[:2]) - cpu, 2),
@@ -193,10 +194,10 @@ def main(argv=None) -> int:
              machine.summary(machine.describe()), "", "`python -m bench.hostile` (production profile, one "
              "process, 256 threads; upstream limits at their defaults, HTTP_DEADLINE and "
              "STREAM_MAX_DURATION 20 s)", "",
-             "| case | status | seconds | proxy CPU s | RSS before MB | RSS peak MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| case | status | seconds | proxy CPU s | RSS before MB | RSS peak MB | the answer's end |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['case']} | {r['status']} | {r['seconds']} | {r['cpu_seconds']} | "
-              f"{r['rss_before_mb']} | {r['rss_peak_mb']} |" for r in rows]
+              f"{r['rss_before_mb']} | {r['rss_peak_mb']} | `{r['end'][:110]}` |" for r in rows]
     lines += ["", f"Idle connections held: {idle['idle_connections']}; `/health/live` "
               f"answered {idle['health_live']} in {idle['health_live_ms']} ms; proxy alive: "
               f"{idle['proxy_alive']}.", ""]
