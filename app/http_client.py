@@ -32,6 +32,7 @@ from settings import StreamingSettings
 RETRY_STATUSES = frozenset((429, 502, 503, 504))
 CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
 TICK = 1.0  # the longest a quiet stream's thread waits before it looks up
+REDACTED = b"[redacted]"
 STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError,
                  http.client.HTTPException)
 
@@ -67,9 +68,13 @@ class HttpClient:
     """One provider's pooled Session with (connect, read) timeouts and bounded retries."""
 
     def __init__(self, provider: str, settings, *, pool_size: int, read_timeout: float = 0.0,
-                 streaming=None, clock=time.monotonic, sleep=time.sleep, jitter=random.random):
+                 streaming=None, secrets=(), clock=time.monotonic, sleep=time.sleep,
+                 jitter=random.random):
         self.provider = provider
         self.settings = settings
+        # What an upstream must not echo to clients (our key for it): replaced in every body
+        # and event read. Short values are left alone: they would match ordinary text.
+        self._secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
         self.streaming = streaming or StreamingSettings()
         # How often a quiet stream wakes its thread: keep-alives, idle checks, client gone.
         self._tick = min(TICK, *(v / 2 for v in (self.streaming.keepalive_interval,
@@ -162,7 +167,14 @@ class HttpClient:
                 raise UpstreamTimeout(f"provider {name}: the stream ran past its maximum of "
                                       f"{limits.max_duration:g} s (streaming.max_duration)",
                                       provider=name, kind="duration")
-            yield event
+            yield self._scrub(event) if self._secrets else event
+
+    def _scrub(self, data: bytes) -> bytes:
+        """``data`` with every secret of this provider replaced by ``[redacted]``."""
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, REDACTED)
+        return data
 
     def close(self):
         self.session.close()
@@ -256,7 +268,7 @@ class HttpClient:
         except UpstreamError:
             response.close()
             raise
-        response._content = b"".join(parts)  # what requests' own .content would have kept
+        response._content = self._scrub(b"".join(parts))  # what requests' .content would keep
         response._content_consumed = True
 
     def _iter_body(self, response: requests.Response):

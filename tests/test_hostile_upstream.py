@@ -298,3 +298,21 @@ def test_an_anthropic_tool_input_nested_too_deep_to_write_back_is_a_502(make_app
                      "models": ["claude-test"]}])
     response = app.test_client().post("/v1/chat/completions", json={**CHAT, "model": "claude-test"})
     assert response.status_code == 502 and "written back" in error_of(response)["message"]
+
+
+def test_a_provider_key_echoed_by_the_upstream_never_reaches_the_client(
+        make_app, upstream, monkeypatch):
+    secret = "sk-provider-secret-0123456789"
+    monkeypatch.setenv("UP_KEY", secret)
+    echo = f"you sent {secret}, and {secret}"
+    upstream.script(
+        Reply(status=400, body={"error": {"message": echo, "type": "invalid_request_error"}}),
+        Reply(body=chat_completion("gpt-test", echo)),
+        Stream(chat_chunks("gpt-test", [echo])))
+    app = make_app([provider(upstream.url, api_key_env="UP_KEY")])
+    answers = [post(app), post(app), post(app, STREAM)]
+    assert upstream.requests[0].headers["Authorization"] == f"Bearer {secret}"
+    assert [a.status_code for a in answers] == [400, 200, 200]
+    for answer in answers:
+        body = answer.get_data(as_text=True)
+        assert secret not in body and "you sent [redacted], and [redacted]" in body

@@ -25,5 +25,5 @@ def build_provider(provider_settings, settings, **http_options) -> ProviderAdapt
     pool_size = max(settings.http_client.max_keepalive_connections, settings.server.threads)
     http = HttpClient(provider_settings.name, settings.http_client, pool_size=pool_size,
                       read_timeout=provider_settings.timeout, streaming=settings.streaming,
-                      **http_options)
+                      secrets=[provider_settings.api_key], **http_options)
     return ADAPTERS[provider_settings.type](provider_settings, http)
