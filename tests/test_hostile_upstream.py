@@ -316,3 +316,13 @@ def test_a_provider_key_echoed_by_the_upstream_never_reaches_the_client(
     for answer in answers:
         body = answer.get_data(as_text=True)
         assert secret not in body and "you sent [redacted], and [redacted]" in body
+
+
+@pytest.mark.parametrize("status", [199, 204, 408, 999])
+def test_a_status_no_provider_should_answer_is_a_provider_failure(make_app, upstream, status):
+    upstream.script(Reply(status=status, raw=b"{}"), Reply(status=status, raw=b"{}"))
+    app = make_app([provider(upstream.url)], http_client={"retry_attempts": 0})
+    for body in (CHAT, STREAM):
+        response = post(app, body)
+        assert response.status_code == 502, (body, response.status_code)
+        assert error_of(response)["code"] == "upstream_error"

@@ -11,6 +11,7 @@ from app.http_client import read_body, retry_after_seconds
 from app.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
+PROVIDER_4XX = frozenset((401, 403, 408, 429))  # another provider may well serve the client
 
 
 @dataclass
@@ -60,11 +61,12 @@ class ProviderAdapter:
 
 
 def upstream_failure(response, provider: str, translate_error=None):
-    """The error for a non-2xx upstream answer: retryable failure or the client's own 4xx."""
+    """The error for a non-2xx upstream answer: the client's own 4xx, or a provider failure
+    (anything else: 5xx, a status no HTTP server should send such as 1xx or 999, and the 4xx
+    that say more about the provider than the client: 401/403, our key is bad; 408 and 429)."""
     status = response.status_code
     body = read_body(response)
-    if status == 429 or status >= 500 or status in (401, 403):
-        # 401/403 mean our provider key is bad: another provider may serve the client.
+    if not 400 <= status < 500 or status in PROVIDER_4XX:
         return UpstreamError(
             f"provider {provider} answered HTTP {status}", provider=provider,
             upstream_status=status, kind="status",
