@@ -83,4 +83,3 @@ class OpenAIAdapter(ProviderAdapter):
             yield DONE  # some compatible servers end without [DONE] after the last choice
         finally:
             response.close()
-
