@@ -1,10 +1,13 @@
 # The proxy as a container: waitress from the settings (`python wsgi.py`), production profile.
-# Build: docker build -t llm-proxy .    Run: docker run -p 8000:8000 -e OPENAI_API_KEY llm-proxy
+# Build: docker build -t llm-proxy .
+# Run:   docker run --stop-timeout 30 -p 8000:8000 -e PROXY_API_KEYS -e OPENAI_API_KEY llm-proxy
+# Production requires client keys: export PROXY_API_KEYS="id:key,id2:key2" first (a key from
+# `python -m app.auth new-key`), or the proxy refuses to start (exit status 2).
 FROM python:3.11-slim
 
-# ENVIRONMENT=production applies settings.PRODUCTION_PROFILE: host 0.0.0.0, 64 threads,
-# connection limit 2000, log level WARNING. Override any setting with its env var
-# (THREADS, CONNECTION_LIMIT, PORT...; docs/operations.md lists them all).
+# ENVIRONMENT=production applies settings.PRODUCTION_PROFILE: host 0.0.0.0, 256 threads,
+# connection limit 2000, log level WARNING, client keys required. Override any setting with its
+# env var (THREADS, CONNECTION_LIMIT, PORT...; the README's table lists them all).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -33,8 +36,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health/live', timeout=4)"]
 
-# Python as PID 1 ignores SIGTERM (no handler, and PID 1 gets no default action), but SIGINT
-# raises KeyboardInterrupt, which waitress turns into a clean exit: `docker stop` takes
-# milliseconds instead of the 10 s kill timeout.
-STOPSIGNAL SIGINT
+# SIGTERM (and SIGINT) drain: new connections refused, requests in flight (streams too) given
+# SHUTDOWN_GRACE seconds to finish, then exit 0. `docker stop` kills after 10 s unless
+# told otherwise: --stop-timeout 30 above, stop_grace_period in docker-compose.yml.
+STOPSIGNAL SIGTERM
 CMD ["python", "wsgi.py"]

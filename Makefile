@@ -2,14 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# checkov (tests/test_kubernetes.py) in a venv of its own inside $(VENV): its pins
+# (cachetools<6, packaging<24) would break the proxy's cachetools>=8 and pytest's packaging>=24.
+CHECKOV_VENV := $(VENV)/checkov
 
 .PHONY: run test bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/python wsgi.py
 
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+test: $(VENV)/.installed-dev $(CHECKOV_VENV)/.installed
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
@@ -21,6 +24,11 @@ $(VENV)/.installed: requirements.txt
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(CHECKOV_VENV)/.installed: requirements-deploy.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-deploy.txt
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev requirements-bench.txt

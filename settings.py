@@ -1,13 +1,17 @@
 """Every setting of the proxy: typed defaults, the production profile, the YAML file, env vars.
 
-Precedence, lowest first: the defaults below (the seed's numbers), the production profile when
-``ENVIRONMENT=production``, the YAML config file (``PROXY_CONFIG``, default ``./config.yaml``),
-then the environment variables in ``ENV_VARS``. A bad value raises ``SettingsError`` with one
-line naming the field and what is wrong.
+Precedence, lowest first: the defaults below, the production profile, the YAML config file
+(``PROXY_CONFIG``, default ``./config.yaml``), then the environment variables in ``ENV_VARS``.
+The profile applies when ``ENVIRONMENT`` is ``production``, or, with that variable unset, when
+the file says ``environment: production``. Loading is a pure function of those inputs and the
+environment mapping it is given: provider keys are read from that mapping at load time too. A
+bad value raises ``SettingsError`` with one line naming the field, and the variable when one
+set it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -19,8 +23,16 @@ VERSION = "1.0.0"
 PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "mock")
 
 
+# Field metadata: why the YAML file may not set this field (a secret, or what the loader fills in).
+NOT_IN_FILE = "not_in_file"
+
+
 class SettingsError(ValueError):
-    """A setting is missing, unknown or of the wrong type or range."""
+    """A setting is missing, unknown or of the wrong type or range; ``path`` names the field."""
+
+    def __init__(self, reason: str, path: str = ""):
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path, self.reason = path, reason
 
 
 @dataclass
@@ -34,6 +46,7 @@ class ServerSettings:
     workers: int = 1  # waitress processes sharing the port (SO_REUSEPORT), supervised
     header_timeout: float = 30.0  # seconds a connection may take to send a request's headers
     max_header_kb: int = 64  # request line and headers; larger: 431
+    shutdown_grace: float = 25.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
 
     def validate(self, path):
         _check(self.workers >= 1, f"{path}.workers", "must be at least 1")
@@ -43,12 +56,12 @@ class ServerSettings:
         _check(self.max_request_body_mb > 0, f"{path}.max_request_body_mb", "must be positive")
         _check(self.header_timeout > 0, f"{path}.header_timeout", "must be positive")
         _check(self.max_header_kb >= 1, f"{path}.max_header_kb", "must be at least 1")
+        _check(self.shutdown_grace >= 0, f"{path}.shutdown_grace", "must be 0 or more")
 
 
 @dataclass
 class HttpClientSettings:
     max_keepalive_connections: int = 200
-    max_connections: int = 2000
     keepalive_expiry: float = 30.0
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -155,8 +168,8 @@ class MemorySettings:
         _check(self.memory_threshold_mb > 0, f"{path}.memory_threshold_mb", "must be positive")
         _check(self.emergency_threshold_mb > self.memory_threshold_mb,
                f"{path}.emergency_threshold_mb", "must be above memory_threshold_mb")
-        _check(self.cleanup_interval > 0 and self.sample_interval > 0, f"{path}.sample_interval",
-               "intervals must be positive")
+        for name in ("cleanup_interval", "sample_interval"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
         _check(len(self.gc_thresholds) == 3 and all(t >= 0 for t in self.gc_thresholds),
                f"{path}.gc_thresholds", "must be three numbers, 0 or more")
         _check(self.leak_snapshots >= 2, f"{path}.leak_snapshots", "must be at least 2")
@@ -177,7 +190,9 @@ class ObservabilitySettings:
 class AuthSettings:
     api_keys_required: bool = False  # API_KEYS_REQUIRED; without it, no key = anonymous tenant
     api_keys: list[dict[str, object]] = field(default_factory=list)  # {id, sha256, limits...}
-    env_keys: str = field(default="", repr=False)  # PROXY_API_KEYS="id:key,...", hashed at load
+    env_keys: str = field(default="", repr=False, metadata={  # hashed at load
+        NOT_IN_FILE: "plain client keys come from PROXY_API_KEYS=\"id:key,...\"; the file takes "
+                     "their sha256 in api_keys"})
     models: list[str] = field(default_factory=list)  # default allow-list (empty: every model)
     requests_per_minute: int = 0  # RATE_LIMIT_REQUESTS per key and for anonymous; 0: no limit
     tokens_per_minute: int = 0
@@ -192,7 +207,7 @@ class AuthSettings:
         try:
             self.key_store()
         except ValueError as e:
-            raise SettingsError(f"{path}: {e}") from None
+            raise SettingsError(str(e), path) from None
 
     def key_store(self):
         """The client keys, hashed; ValueError naming a bad entry."""
@@ -207,7 +222,7 @@ class AuthSettings:
 
 @dataclass
 class RedisSettings:
-    url: str = ""  # REDIS_URL; empty: every store is in-process
+    url: str = field(default="", repr=False)  # REDIS_URL (may hold a password); empty: in-process
     prefix: str = "llmproxy:"  # keys of this deployment
     timeout: float = 0.1  # seconds for a Redis call; slower counts as a failure
     failure_threshold: int = 3  # Redis failures in a row before the proxy stops asking it
@@ -218,8 +233,8 @@ class RedisSettings:
         if self.url:
             _check(self.url.startswith(("redis://", "rediss://", "unix://")), f"{path}.url",
                    "must be a redis://, rediss:// or unix:// URL")
-        _check(self.timeout > 0 and self.recovery_timeout > 0, f"{path}.timeout",
-               "timeouts must be positive")
+        for name in ("timeout", "recovery_timeout"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
         _check(self.failure_threshold >= 1, f"{path}.failure_threshold", "must be at least 1")
 
 
@@ -228,6 +243,7 @@ class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
     provider_max_in_flight: int = 0  # per provider unless it sets its own; 0: 3/4 of max_in_flight
+    model_refresh_interval: float = 600.0  # seconds between asking upstreams their models; 0: never
 
     def validate(self, path):
         _check(self.strategy in ("weighted", "least_in_flight"), f"{path}.strategy",
@@ -235,6 +251,8 @@ class RoutingSettings:
         _check(self.max_in_flight >= 0, f"{path}.max_in_flight", "must be 0 (derived) or more")
         _check(self.provider_max_in_flight >= 0, f"{path}.provider_max_in_flight",
                "must be 0 (derived) or more")
+        _check(self.model_refresh_interval >= 0, f"{path}.model_refresh_interval",
+               "must be 0 (never) or positive")
 
 
 @dataclass
@@ -242,7 +260,7 @@ class ProviderSettings:
     name: str
     type: str
     base_url: str = ""
-    api_key_env: str = ""
+    api_key_env: str = ""  # the variable that holds the key; its value is read at load
     models: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     enabled: bool = True
@@ -257,6 +275,8 @@ class ProviderSettings:
     chunk_delay_ms: float = 0.0  # mock only: delay between streamed chunks
     chunks: int = 5  # mock only: chunks per streamed answer
     embedding_dimensions: int = 16  # mock only
+    api_key: str = field(default="", repr=False, metadata={  # resolved by build_settings
+        NOT_IN_FILE: "name the variable that holds the key in api_key_env"})
 
     def validate(self, path):
         _check(bool(self.name), f"{path}.name", "must not be empty")
@@ -271,19 +291,16 @@ class ProviderSettings:
         _check(self.max_in_flight >= 0, f"{path}.max_in_flight", "must be 0 (derived) or more")
         _check(self.chunks >= 1, f"{path}.chunks", "must be at least 1")
 
-    @property
-    def api_key(self) -> str:
-        """The provider key, read from the environment variable named in the config."""
-        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-
 
 @dataclass
 class Settings:
     environment: str = "development"
-    version: str = VERSION
+    version: str = field(default=VERSION, metadata={NOT_IN_FILE: "the proxy's own version"})
     log_level: str = "INFO"
-    config_path: str = ""
-    admin_api_key: str = ""  # ADMIN_API_KEY; unset: /debug/* is disabled
+    config_path: str = field(default="", metadata={
+        NOT_IN_FILE: "the loader records where it found the file (PROXY_CONFIG)"})
+    admin_api_key: str = field(default="", repr=False, metadata={  # unset: /debug/* is disabled
+        NOT_IN_FILE: "the admin key comes from ADMIN_API_KEY"})
     server: ServerSettings = field(default_factory=ServerSettings)
     http_client: HttpClientSettings = field(default_factory=HttpClientSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
@@ -333,12 +350,11 @@ class Settings:
 PRODUCTION_PROFILE = {
     "log_level": "WARNING",
     "server": {"host": "0.0.0.0", "threads": 256, "connection_limit": 2000},
-    "http_client": {"max_connections": 5000},
     "cache": {"max_memory_mb": 1024},
     "auth": {"api_keys_required": True, "requests_per_minute": 10000},
 }
 
-# Environment variable -> (section or None, field). The seed's names are kept.
+# Environment variable -> (section or None, field).
 ENV_VARS = {
     "ENVIRONMENT": (None, "environment"),
     "LOG_LEVEL": (None, "log_level"),
@@ -350,7 +366,7 @@ ENV_VARS = {
     "MAX_REQUEST_BODY_MB": ("server", "max_request_body_mb"),
     "HEADER_TIMEOUT": ("server", "header_timeout"),
     "MAX_HEADER_KB": ("server", "max_header_kb"),
-    "HTTP_MAX_CONNECTIONS": ("http_client", "max_connections"),
+    "SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "HTTP_MAX_KEEPALIVE_CONNECTIONS": ("http_client", "max_keepalive_connections"),
     "HTTP_KEEPALIVE_EXPIRY": ("http_client", "keepalive_expiry"),
     "HTTP_TIMEOUT": ("http_client", "timeout"),
@@ -370,6 +386,7 @@ ENV_VARS = {
     "ROUTING_STRATEGY": ("routing", "strategy"),
     "MAX_IN_FLIGHT": ("routing", "max_in_flight"),
     "PROVIDER_MAX_IN_FLIGHT": ("routing", "provider_max_in_flight"),
+    "MODEL_REFRESH_INTERVAL": ("routing", "model_refresh_interval"),
     "CACHE_ENABLED": ("cache", "enabled"),
     "CACHE_MAX_MEMORY_MB": ("cache", "max_memory_mb"),
     "CACHE_RESPONSE_TTL": ("cache", "response_cache_ttl"),
@@ -409,29 +426,52 @@ ANTHROPIC_PROVIDER = {
 
 
 def load_settings(environ=None, config_path=None) -> Settings:
-    """Build and validate the settings from the environment and the YAML file."""
+    """Build and validate the settings from an environment mapping and the YAML file.
+
+    ``environ`` defaults to ``os.environ``; when a mapping is given, nothing else is read from
+    the process environment (provider keys included)."""
     environ = os.environ if environ is None else environ
-    data: dict = {}
-    if environ.get("ENVIRONMENT", "development") == "production":
-        _merge(data, PRODUCTION_PROFILE)
     path = config_path or environ.get("PROXY_CONFIG") or "config.yaml"
-    if os.path.exists(path):
-        _merge(data, _read_yaml(path))
-        data["config_path"] = path
-    elif config_path or environ.get("PROXY_CONFIG"):
+    found = os.path.exists(path)
+    if not found and (config_path or environ.get("PROXY_CONFIG")):
         raise SettingsError(f"config file {path}: not found")
+    from_file = _read_yaml(path) if found else {}
+    _refuse_fields_not_in_file(Settings, from_file, "")
+    data: dict = {}
+    # The profile goes under the file, but the file may choose it: ENVIRONMENT, else the file's.
+    if environ.get("ENVIRONMENT", from_file.get("environment")) == "production":
+        _merge(data, PRODUCTION_PROFILE)
+    _merge(data, from_file)
+    if found:
+        data["config_path"] = path
+    set_by = {}  # field path -> the variable that set it, for error messages
     for var, (section, name) in ENV_VARS.items():
         if var in environ:
             target = data.setdefault(section, {}) if section else data
+            if not isinstance(target, dict):  # the file's section is no mapping: say so
+                raise SettingsError(f"expected a mapping, got {type(target).__name__}", section)
             target[name] = environ[var]
+            set_by[_join(section or "", name)] = var
     if "providers" not in data:
         data["providers"] = default_providers(environ)
-    return build_settings(data)
+    try:
+        return build_settings(data, environ)
+    except SettingsError as e:
+        if e.path in set_by:
+            raise SettingsError(e.reason, f"{set_by[e.path]} ({e.path})") from None
+        raise
 
 
-def build_settings(data: dict) -> Settings:
-    """Settings from a plain dict (the YAML shape); used by tests too."""
+def build_settings(data: dict, environ=None) -> Settings:
+    """Settings from a plain dict (the YAML shape); used by tests too.
+
+    Each provider's ``api_key`` is read here from ``environ`` (default ``os.environ``) by the
+    name in its ``api_key_env``, unless the dict gives it."""
+    environ = os.environ if environ is None else environ
     settings = _convert(Settings, data, "")
+    for provider in settings.providers:
+        if provider.api_key_env and not provider.api_key:
+            provider.api_key = environ.get(provider.api_key_env, "")
     settings.validate()
     return settings
 
@@ -447,25 +487,57 @@ def _read_yaml(path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SettingsError(f"config file {path}{where}: invalid YAML") from None
+        raise SettingsError(_yaml_problem(path, e)) from None
+    except OSError as e:
+        raise SettingsError(f"config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"config file {path}: not UTF-8 text ({e.reason} at byte "
+                            f"{e.start})") from None
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path}: must be a mapping of settings")
     return data
 
 
+def _yaml_problem(path, e: yaml.YAMLError) -> str:
+    """The parser's own words and where: ``config file X, line 3, column 10: invalid YAML: ...``."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return f"config file {path}: invalid YAML: {e}"
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    context = getattr(e, "context", None)
+    return (f"config file {path}{where}: invalid YAML: {problem}"
+            + (f" ({context})" if context else ""))
+
+
+def _refuse_fields_not_in_file(tp, value, path):
+    """Keys, and what the loader fills in, never come from the file: say where they come from."""
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                if NOT_IN_FILE in f.metadata:
+                    raise SettingsError(f"not in the config file: {f.metadata[NOT_IN_FILE]}",
+                                        _join(path, f.name))
+                _refuse_fields_not_in_file(hints[f.name], value[f.name], _join(path, f.name))
+    elif typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            _refuse_fields_not_in_file(item, v, f"{path}[{i}]")
+
+
 def _merge(into: dict, other: dict):
+    """Merge ``other`` into ``into``, copying: ``other`` (the profile, say) is never shared."""
     for key, value in other.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             _merge(into[key], value)
         else:
-            into[key] = value
+            into[key] = copy.deepcopy(value)
 
 
 def _check(ok, path, message):
     if not ok:
-        raise SettingsError(f"{path}: {message}")
+        raise SettingsError(message, path)
 
 
 def _convert(tp, value, path):
@@ -473,27 +545,27 @@ def _convert(tp, value, path):
     label = path or "settings"
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise SettingsError(f"{label}: expected a mapping, got {type(value).__name__}")
+            raise SettingsError(f"expected a mapping, got {type(value).__name__}", label)
         hints = typing.get_type_hints(tp)
         known = {f.name for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise SettingsError(f"{_join(path, unknown[0])}: unknown setting")
+            raise SettingsError("unknown setting", _join(path, unknown[0]))
         missing = [f.name for f in dataclasses.fields(tp)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in value]
         if missing:
-            raise SettingsError(f"{_join(path, missing[0])}: required")
+            raise SettingsError("required", _join(path, missing[0]))
         return tp(**{k: _convert(hints[k], v, _join(path, k)) for k, v in value.items()})
     origin = typing.get_origin(tp)
     if origin is list:
         if not isinstance(value, list):
-            raise SettingsError(f"{label}: expected a list, got {type(value).__name__}")
+            raise SettingsError(f"expected a list, got {type(value).__name__}", label)
         (item,) = typing.get_args(tp)
         return [_convert(item, v, f"{label}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise SettingsError(f"{label}: expected a mapping, got {type(value).__name__}")
+            raise SettingsError(f"expected a mapping, got {type(value).__name__}", label)
         _, item = typing.get_args(tp)
         return {str(k): _convert(item, v, f"{label}.{k}") for k, v in value.items()}
     return _scalar(tp, value, label)
@@ -508,20 +580,20 @@ def _scalar(tp, value, label):
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise SettingsError(f"{label}: expected true or false, got {value!r}")
+        raise SettingsError(f"expected true or false, got {value!r}", label)
     if tp in (int, float):
         if isinstance(value, bool):
-            raise SettingsError(f"{label}: expected a number, got {value!r}")
+            raise SettingsError(f"expected a number, got {value!r}", label)
         kind = "an integer" if tp is int else "a number"
         if tp is int and isinstance(value, float):
-            raise SettingsError(f"{label}: expected {kind}, got {value!r}")
+            raise SettingsError(f"expected {kind}, got {value!r}", label)
         try:
             return tp(value)
         except (TypeError, ValueError):
-            raise SettingsError(f"{label}: expected {kind}, got {value!r}") from None
+            raise SettingsError(f"expected {kind}, got {value!r}", label) from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise SettingsError(f"{label}: expected text, got {type(value).__name__}")
+            raise SettingsError(f"expected text, got {type(value).__name__}", label)
         return str(value)
     return value
 

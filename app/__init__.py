@@ -30,6 +30,7 @@ class LLMProxy:
         from app.shared import SharedState
         from app.gateway import Gateway
         from app.providers import build_provider
+        from app.providers.discovery import ModelDiscovery
         from app.router import Router
 
         self.settings = settings
@@ -39,6 +40,11 @@ class LLMProxy:
         o = settings.observability
         self.access_log = AccessLog(enabled=o.access_log, fmt=o.access_log_format)
         self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
+        for adapter in self.providers:
+            if adapter.settings.enabled and adapter.missing_key:
+                log.warning("provider %s: its key variable %s is unset: its calls go without a "
+                            "key, which most upstreams refuse (HTTP 401)", adapter.name,
+                            adapter.missing_key)
         self.shared = SharedState(settings, clock=clock) if settings.redis.url else None
         cb = settings.circuit_breaker
         self.breakers = BreakerBoard(
@@ -87,12 +93,18 @@ class LLMProxy:
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)
+        # The models behind the providers' patterns, asked of their upstreams in the background.
+        interval = settings.routing.model_refresh_interval  # 0: never asked
+        self.discovery = ModelDiscovery(self.providers, self.router, interval=interval)
+        if interval:
+            self.discovery.start()
 
     def attach_metrics(self, metrics):
         """Metrics need the Flask app; they are attached once it exists."""
         self.metrics = self.gateway.metrics = metrics
 
     def close(self):
+        self.discovery.close()
         self.memory.stop()
         if self.shared:
             self.shared.close()
@@ -127,12 +139,15 @@ def configure_logging(settings: Settings):
 
 
 def describe(settings: Settings) -> str:
-    """The first log line: what serves, and why when it is the mock."""
+    """The first log line: what serves, and why when it is the mock. Not where: the app does
+    not bind the socket. ``python wsgi.py`` logs ``listening on HOST:PORT`` once it has bound
+    it; under ``waitress-serve`` (or any WSGI server) that server's own flags decide, and it
+    says so itself."""
     enabled = [p for p in settings.providers if p.enabled]
     names = ", ".join(f"{p.name} ({p.type})" for p in enabled)
     source = settings.config_path or "no config file"
-    line = (f"llm-proxy {settings.version} ({settings.environment}) on "
-            f"{settings.server.host}:{settings.server.port}, providers: {names}; {source}")
+    line = (f"llm-proxy {settings.version} ({settings.environment}), providers: {names}; "
+            f"{source}")
     if not settings.config_path and all(p.type == "mock" for p in enabled):
         line += "; no provider keys set: serving the built-in mock provider"
     return line

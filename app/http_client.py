@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 from email.utils import parsedate_to_datetime
+from types import SimpleNamespace
 
 import requests
 import urllib3
@@ -179,15 +180,34 @@ class HttpClient:
     def close(self):
         self.session.close()
 
-    def _prepare(self, url, body: bytes, headers: dict) -> PreparedRequest:
+    def get(self, url, headers: dict, *, timeout: float) -> tuple[int, bytes]:
+        """One GET made outside any client's request (a provider's model list): no retries, not
+        counted in the stats (it is no client's traffic), the body read whole within
+        ``max_response_mb`` and ``timeout``. The status and body, or UpstreamError."""
+        bound = SimpleNamespace(deadline=self._clock() + timeout)  # what _read_whole looks at
+        request = self._prepare(url, None, headers, method="GET")
+        try:
+            response = self._adapter.send(request, stream=True,
+                                          timeout=(min(self.timeout[0], timeout), timeout))
+        except requests.RequestException as e:
+            raise self._translate(e) from None
+        try:
+            self._read_whole(response, bound)
+        finally:
+            response.close()
+        return response.status_code, response.content
+
+    def _prepare(self, url, body: bytes | None, headers: dict, *,
+                 method="POST") -> PreparedRequest:
         """The request as requests' transport takes it, built directly: the Session's merging of
         cookies, auth, hooks and environment settings is work this proxy never needs."""
         request = PreparedRequest()
-        request.method = "POST"
+        request.method = method
         request.url = url
         request.headers = CaseInsensitiveDict(self._headers)
         request.headers.update(headers)
-        request.headers["Content-Length"] = str(len(body))
+        if body is not None:
+            request.headers["Content-Length"] = str(len(body))
         request.body = body
         request.hooks = {"response": []}
         return request

@@ -99,7 +99,7 @@ class MemoryManager:
         _check(0.0 <= emergency_shrink <= 1.0, "emergency_shrink must be between 0 and 1")
         _check(len(gc_thresholds) == 3 and all(t >= 0 for t in gc_thresholds),
                "gc_thresholds must be three non-negative integers")
-        _check(leak_snapshots >= 1, "leak_snapshots must be at least 1")
+        _check(leak_snapshots >= 2, "leak_snapshots must be at least 2")
         _check(leak_tolerance_mb >= 0 and leak_min_growth >= 0 and leak_growth_ratio >= 0,
                "leak tolerances must not be negative")
         self.caches = caches

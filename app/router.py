@@ -8,6 +8,8 @@ import re
 
 from app.errors import ModelNotFound, NoProviderAvailable
 
+NAMED_IN_404 = 50  # models a 404 names; GET /v1/models lists them all
+
 
 class Router:
     """Maps a public model name (or alias) to the enabled providers that serve it.
@@ -17,6 +19,10 @@ class Router:
     equal priority the ``strategy`` spreads the load: ``weighted`` draws a random order by
     each provider's ``weight``; ``least_in_flight`` puts the one with the fewest requests in
     flight first (``load(name)`` tells), ties broken by weight.
+
+    A pattern says which names a provider takes, not which models exist: the concrete models
+    its upstream listed (``listed``, from ``ModelDiscovery``) are shown as names by
+    ``models`` and ``model``. Routing itself goes by the patterns either way.
     """
 
     def __init__(self, providers, *, strategy="weighted", load=None, rng=random.random):
@@ -25,15 +31,18 @@ class Router:
         self._load = load or (lambda name: 0)
         self._random = rng
         self._exact: dict[str, list] = {}
-        self._patterns: list[tuple[re.Pattern, object, int]] = []
+        self._patterns: list[tuple[re.Pattern, object]] = []
+        self._names: dict[str, set[str]] = {}  # provider -> its names and aliases
+        self._listed: dict[str, dict[str, int]] = {}  # provider -> listed models (id: created)
         for adapter in providers:
             s = adapter.settings
-            names = {m: m for m in s.models if not _is_pattern(m)}
+            names = {m: m for m in s.models if not is_pattern(m)}
             names.update(s.aliases)
+            self._names[adapter.name] = set(names)
             for public, upstream in names.items():
                 self._exact.setdefault(public, []).append((adapter, upstream))
             self._patterns += [(re.compile(fnmatch.translate(m)), adapter)
-                               for m in s.models if _is_pattern(m)]
+                               for m in s.models if is_pattern(m)]
         self._resolved = {model: self._resolve(model) for model in self._exact}
 
     def candidates(self, model: str, endpoint: str) -> list[tuple[object, str]]:
@@ -42,10 +51,8 @@ class Router:
         if entries is None:
             entries = self._resolve(model)
         if not entries:
-            raise ModelNotFound(
-                f"The model {model!r} does not exist or is not served by this proxy. "
-                f"Available models: {', '.join(self.model_names()) or 'none'}.",
-                param="model")
+            raise ModelNotFound(f"The model {model!r} does not exist or is not served by this "
+                                f"proxy. {self._available()}", param="model")
         found = [(a, m) for a, m in entries if a.settings.enabled and endpoint in a.endpoints]
         if not found:
             if any(a.settings.enabled for a, _ in entries):
@@ -63,16 +70,66 @@ class Router:
         return entries[0][1] if entries else model
 
     def model_owners(self) -> list[tuple[str, str]]:
-        """(model or alias, first enabled provider serving it); glob patterns are left out."""
-        owners = []
-        for model in sorted(self._exact):
-            enabled = [a.name for a, _ in self._resolved[model] if a.settings.enabled]
-            if enabled:
-                owners.append((model, enabled[0]))
-        return owners
+        """(model or alias, first enabled provider serving it), by name; see ``models``."""
+        return [(model, owner) for model, owner, _ in self.models()]
 
     def model_names(self) -> list[str]:
-        return [model for model, _ in self.model_owners()]
+        return [model for model, _, _ in self.models()]
+
+    def models(self) -> list[tuple[str, str, int]]:
+        """(model, owner, created) by name: every name and alias an enabled provider serves,
+        and the models an enabled provider's upstream listed that its patterns match; glob
+        patterns themselves are left out. ``created`` is the upstream's, 0 when unknown."""
+        found = []
+        for model in sorted(set(self._exact).union(*self._listed.values())):
+            known = self.model(model)
+            if known is not None:
+                found.append((model, *known))
+        return found
+
+    def model(self, model: str) -> tuple[str, int] | None:
+        """(owner, created) of a model this proxy serves, or None. The owner is the first
+        enabled provider, in routing order, that has it by name or alias, or by a pattern
+        while its upstream listed it or its list is unknown (not asked, or failed)."""
+        listed = self._listed
+        entries = self._resolved.get(model)
+        for adapter, _ in entries if entries is not None else self._resolve(model):
+            if not adapter.settings.enabled:
+                continue
+            models = listed.get(adapter.name)
+            if model in self._names[adapter.name] or models is None or model in models:
+                created = max((m.get(model, 0) for m in listed.values()), default=0)
+                return adapter.name, created
+        return None
+
+    def patterns(self) -> list[str]:
+        """The glob patterns of the enabled providers, in config order, each once."""
+        found = []
+        for adapter in self.providers:
+            if adapter.settings.enabled:
+                found += [m for m in adapter.settings.models if is_pattern(m) and m not in found]
+        return found
+
+    def listed(self, provider: str, models: dict[str, int]) -> int:
+        """What ``provider``'s upstream lists (id -> created): the models its patterns match
+        are kept and served as names from now on. How many were kept."""
+        adapter = next(a for a in self.providers if a.name == provider)
+        patterns = [re.compile(fnmatch.translate(m)) for m in adapter.settings.models
+                    if is_pattern(m)]
+        kept = {m: c for m, c in models.items() if any(p.match(m) for p in patterns)}
+        self._listed = {**self._listed, provider: kept}  # one reference swap: readers never lock
+        return len(kept)
+
+    def _available(self) -> str:
+        """The end of a 404: the models served, and the patterns that take other names."""
+        names, patterns = self.model_names(), self.patterns()
+        shown = ", ".join(names[:NAMED_IN_404])
+        if len(names) > NAMED_IN_404:
+            shown += f" and {len(names) - NAMED_IN_404} more (GET /v1/models lists them)"
+        if not patterns:
+            return f"Available models: {shown or 'none'}."
+        return (f"Available models: {shown or 'none listed'}; and any model served by "
+                f"pattern: {', '.join(patterns)}.")
 
     def _resolve(self, model):
         """Providers serving ``model`` by priority, config order breaking ties; each once."""
@@ -118,5 +175,6 @@ class Router:
         return out + left
 
 
-def _is_pattern(model: str) -> bool:
+def is_pattern(model: str) -> bool:
+    """Whether a configured model is a glob pattern (``gpt-*``) rather than a name."""
     return any(c in model for c in "*?[")

@@ -1,5 +1,5 @@
 """The waitress server: its options, the poll loop, the file-descriptor limit, and the checks
-made at the header stage, before a request's body is read.
+made at the header stage, before a request's body is read (its graceful stop: app/shutdown.py).
 
 Why a header stage: waitress reads a whole request body (spilling past ``inbuf_overflow`` to a
 temp file) before the app sees the request, so a key check in a view comes after the upload
@@ -95,7 +95,7 @@ def build_server(app, *, host: str | None = None, port: int | None = None, socke
     server = create_server(app, **options)
     gate = HeaderGate(app)
     channel_class = gate.channel_class()
-    for listener in _listeners(server):
+    for listener in listeners(server):
         listener.channel_class = channel_class
         listener.maintenance = partial(_maintain, listener, listener.maintenance, gate)
         listener.handle_accept = partial(_accept_waiting, listener, listener.handle_accept)
@@ -366,7 +366,7 @@ def _accept_waiting(listener, accept_one):
             return  # none was waiting (or it failed and was logged)
 
 
-def _listeners(server) -> list:
+def listeners(server) -> list:
     """The listening servers behind what create_server returned (one, or several sockets)."""
     if isinstance(server, BaseWSGIServer):
         return [server]

@@ -9,7 +9,8 @@ awake keeps winning); with SO_REUSEPORT each socket has its own queue and connec
 hashed across them. The cost: connections still queued on a worker's socket when it dies are
 reset, and the kernel does not know which worker is busy. Linux (3.9+) only.
 
-``WORKERS=1`` (the default) serves in the current process with no supervisor.
+``server.workers`` (``WORKERS``) 1, the default, serves in the current process with no
+supervisor. Either way SIGTERM and SIGINT drain: see ``app.shutdown.Drain``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ log = logging.getLogger("llm_proxy.workers")
 WORKER_INDEX = "WORKER_INDEX"  # set in a worker's environment: its number, from 0
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT, not yet listening."""
+def bound_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening: with SO_REUSEADDR (a restart is
+    not refused over TIME_WAIT leftovers) and, when ``reuse_port``, SO_REUSEPORT. OSError
+    (a taken address, a host that does not resolve) for the caller to say in one line."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except BaseException:
         sock.close()
@@ -47,34 +51,65 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_worker(app, *, reuse_port: bool = True) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT, then close it: on its own SO_REUSEPORT socket, or
-    (``reuse_port=False``, a single process) on a plain one, so a second server started on the
-    same port by mistake fails instead of sharing it. The server is app/server.py's: the poll
-    loop, the header-stage checks, and an open file limit raised to what the settings need."""
+def ensure_unserved(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when something already listens on (host, port).
+
+    Workers bind with SO_REUSEPORT, which lets any other SO_REUSEPORT socket of the same user
+    join: a second ``WORKERS=N`` proxy on the port would silently take a share of its
+    connections. So the supervisor first binds a plain socket there (SO_REUSEADDR, no
+    SO_REUSEPORT), which the kernel refuses while any socket listens on an overlapping
+    address, the wildcard included, and allows over TIME_WAIT leftovers of a previous run.
+    Why not connect to the port and see if something answers: a listener whose backlog is full
+    drops the SYN (a timeout, not a refusal), the wildcard has no one address to connect to,
+    a firewall can hide it, and the probe would cost that server a connection. What this
+    leaves open: two supervisors started at the same moment both pass before either has a
+    worker listening."""
+    bound_socket(host, port, reuse_port=False).close()
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """The one line printed when the address cannot be had."""
+    reason = error.strerror or str(error)
+    reason = reason[:1].lower() + reason[1:]  # "address already in use"
+    return f"llm-proxy: cannot listen on {_address(host, port)}: {reason}"
+
+
+def _address(host: str, port) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve_worker(app, *, reuse_port: bool = True) -> int:
+    """Serve ``app`` until SIGTERM/SIGINT, drain it (``app.shutdown.Drain``: in-flight requests
+    get ``server.shutdown_grace`` seconds), close it; the exit status: 0, or 2 when the address
+    cannot be had (one line on stderr). On its own SO_REUSEPORT socket, or (``reuse_port=False``,
+    a single process) on a plain one, so a second server started on the same port by mistake
+    fails instead of sharing it. The server is app/server.py's: the poll loop, the header-stage
+    checks, and an open file limit raised to what the settings need."""
     from app.server import build_server, raise_fd_limit
+    from app.shutdown import Drain
 
-    settings = app.extensions["llm_proxy"].settings
-    server_settings = settings.server
-    connection_limit = raise_fd_limit(settings)
-    if reuse_port:
-        sock = reuseport_socket(server_settings.host, server_settings.port)
-        server = build_server(app, sockets=[sock], connection_limit=connection_limit)
-    else:
-        server = build_server(app, host=server_settings.host, port=server_settings.port,
-                              connection_limit=connection_limit)
-
-    def stop(signum, frame):
-        raise SystemExit(0)  # waitress's run() catches it and shuts its threads down
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.info("worker %s (pid %d) serving on %s:%s", os.environ.get(WORKER_INDEX, "-"),
-             os.getpid(), server_settings.host, server.effective_port)
+    proxy = app.extensions["llm_proxy"]
+    server_settings = proxy.settings.server
+    host, port = server_settings.host, server_settings.port
     try:
-        server.run()  # returns after closing itself on SystemExit
+        connection_limit = raise_fd_limit(proxy.settings)
+        sock = bound_socket(host, port, reuse_port=reuse_port)
+        server = build_server(app, sockets=[sock], connection_limit=connection_limit)
+    except OSError as e:
+        print(cannot_listen(host, port, e), file=sys.stderr)
+        proxy.close()
+        return 2
+    drain = Drain(server, server_settings.shutdown_grace)
+    signal.signal(signal.SIGTERM, drain.stop)
+    signal.signal(signal.SIGINT, drain.stop)
+    index = os.environ.get(WORKER_INDEX)
+    log.warning("%slistening on %s", f"worker {index} (pid {os.getpid()}) " if index else "",
+                _address(server.effective_host, server.effective_port))
+    try:
+        drain.run()
     finally:
-        app.extensions["llm_proxy"].close()
+        proxy.close()
+    return 0
 
 
 class Supervisor:
@@ -246,22 +281,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_count(environ=None) -> int:
-    """``WORKERS`` from the environment (default 1)."""
-    environ = os.environ if environ is None else environ
-    value = environ.get("WORKERS", "1").strip() or "1"
-    try:
-        count = int(value)
-    except ValueError:
-        raise SystemExit(f"llm-proxy: bad configuration: WORKERS must be a number, got {value!r}")
-    if count < 1:
-        raise SystemExit("llm-proxy: bad configuration: WORKERS must be at least 1")
-    return count
+STOP_MARGIN = 5.0  # seconds the supervisor waits past the workers' grace before killing them
 
 
 def main() -> int:
-    """``python -m app.workers``: a worker when ``WORKER_INDEX`` is set; else ``WORKERS`` of
-    them under a supervisor, or this process alone when WORKERS is 1."""
+    """``python -m app.workers`` (and ``python wsgi.py``): a worker when ``WORKER_INDEX`` is
+    set; else ``server.workers`` of them under a supervisor, or this process alone when it is
+    1. The exit status: 0 after a stop, 2 for a bad configuration or a taken address."""
     environ = dict(os.environ)
     from app import configure_logging, create_app, malloc
 
@@ -269,11 +295,7 @@ def main() -> int:
     malloc.limit_arenas(1)
 
     if WORKER_INDEX in environ:
-        serve_worker(create_app())
-        return 0
-    if worker_count(environ) == 1:
-        serve_worker(create_app(), reuse_port=False)
-        return 0
+        return serve_worker(create_app())
     from settings import SettingsError, load_settings
 
     try:  # check the configuration once here, rather than watch every worker fail on it
@@ -281,15 +303,30 @@ def main() -> int:
     except SettingsError as e:
         print(f"llm-proxy: bad configuration: {e}", file=sys.stderr)
         return 2
+    if settings.server.workers == 1:
+        return serve_worker(create_app(), reuse_port=False)
     configure_logging(settings)
+    return supervise(settings, environ)
+
+
+def supervise(settings, environ: dict) -> int:
+    """Run ``settings.server.workers`` workers under a ``Supervisor`` until SIGTERM/SIGINT."""
     server = settings.server
-    # Bind once here: fails early if the port is taken, and fixes a port given as 0.
+    try:
+        ensure_unserved(server.host, server.port)
+        # Bound (not listening) for the supervisor's life: fixes a port given as 0.
+        probe = bound_socket(server.host, server.port)
+    except OSError as e:
+        print(cannot_listen(server.host, server.port, e), file=sys.stderr)
+        return 2
     # The state file (restart counts for the workers' /metrics) goes when the supervisor stops.
-    with reuseport_socket(server.host, server.port) as probe, SupervisorState() as state:
+    with probe, SupervisorState() as state:
         port = probe.getsockname()[1]
-        supervisor = Supervisor([sys.executable, "-m", "app.workers"], worker_count(environ),
-                                env={**environ, "PORT": str(port)}, state=state)
-        log.warning("supervising %d workers on %s:%d", supervisor.workers, server.host, port)
+        supervisor = Supervisor([sys.executable, "-m", "app.workers"], server.workers,
+                                env={**environ, "PORT": str(port)}, state=state,
+                                stop_timeout=server.shutdown_grace + STOP_MARGIN)
+        log.warning("supervising %d workers on %s", supervisor.workers,
+                    _address(server.host, port))
         return supervisor.run()
 
 

@@ -29,7 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from settings import ENV_VARS, build_settings, load_settings
+from settings import ENV_VARS, PRODUCTION_PROFILE, build_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -186,14 +186,18 @@ def build_context(target: Path) -> Path:
     return target
 
 
-def start_image_cmd(context: Path, log_path: Path):
-    """Run the Dockerfile's CMD as the container would: its ENV, cwd = the copied context."""
+def start_image_cmd(context: Path, log_path: Path, container_env: dict | None = None):
+    """Run the Dockerfile's CMD as the container would: its ENV, overridden by
+    ``container_env`` (what ``docker run -e`` or compose sets; by default the client keys an
+    operator passes, which production requires), cwd = the copied context."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ENV_VARS and k not in OTHER_PROXY_VARS}
-    # The image binds 0.0.0.0 (production profile); here loopback is enough. Production
-    # requires client keys: one is given, as an operator would.
-    env.update(image_env(), PORT=str(port), HOST="127.0.0.1", PROXY_API_KEYS=HOST_KEYS)
+    env.update(image_env())
+    env.update({"PROXY_API_KEYS": HOST_KEYS} if container_env is None else container_env)
+    # Where it listens stands in for the container's own network: the image binds
+    # 0.0.0.0:8000 in its namespace (production profile); here a free loopback port.
+    env.update(PORT=str(port), HOST="127.0.0.1")
     (workdir,) = instruction("WORKDIR")
     assert workdir == "/app"
     (cmd,) = instruction("CMD")
@@ -323,20 +327,60 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+class MissingVariable(Exception):
+    """``${VAR:?message}`` with VAR unset or empty: compose refuses to start anything."""
+
+
+_VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?])([^}]*))?\}|(\w+))")
+
+
+def substitute(text: str, host_env: dict) -> str:
+    """``text`` interpolated as compose does from ``host_env``: ``$$`` is ``$``; ``${VAR}``
+    and ``$VAR`` the value or empty; ``${VAR:-default}`` the default when VAR is unset or
+    empty (``-`` alone: unset only); ``${VAR:?message}`` (``?``: unset only) fails with
+    compose's error and the file's message."""
+    def one(match):
+        escaped, name, op, arg, bare = match.groups()
+        if escaped:
+            return "$"
+        name = name or bare
+        value = host_env.get(name)
+        if value is not None and not (value == "" and op and op.startswith(":")):
+            return value
+        if op and op.endswith("?"):
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        return arg if op and op.endswith("-") else ""
+    return _VARIABLE.sub(one, text)
+
+
 def interpolate(key: str, value, host_env: dict):
-    """The value compose gives ``key``: ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``
-    filled from ``host_env``; no value passes the host's through (None: left unset)."""
+    """The value compose gives ``key``: its text interpolated from ``host_env``; no value
+    passes the host's through (None: left unset)."""
     if value is None:
         return host_env.get(key)
+    return substitute(str(value), host_env)
 
-    def one(match):
-        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
-        if host_env.get(name):
-            return host_env[name]
-        if op == ":?":
-            raise KeyError(f"{name}: {arg}")
-        return arg if op == ":-" else ""
-    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
+
+def resolved_compose(host_env: dict) -> dict:
+    """The whole compose file interpolated from ``host_env``, as ``docker compose up`` does
+    before it starts anything (so one required variable missing anywhere stops everything)."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return substitute(node, host_env) if isinstance(node, str) else node
+    return walk(compose())
+
+
+def service_environment(service: str, host_env: dict) -> dict[str, str]:
+    """The variables compose sets in ``service``'s container, given the host's ``host_env``
+    (the shell, or ``.env``): a key without a value takes the host's, or stays unset."""
+    environment = resolved_compose(host_env)["services"][service].get("environment") or {}
+    assert isinstance(environment, dict), "environment: written as a mapping"
+    values = {key: host_env.get(key) if value is None else str(value)
+              for key, value in environment.items()}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def test_compose_defines_the_stack():
@@ -354,8 +398,11 @@ def test_compose_sets_only_variables_the_proxy_reads():
     unknown = set(environment) - set(ENV_VARS) - OTHER_PROXY_VARS
     assert not unknown, f"the proxy does not read {sorted(unknown)}"
     assert environment["ENVIRONMENT"] == "production"
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY", "PROXY_API_KEYS"):
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY"):
         assert environment[key] == f"${{{key}:-}}", f"{key} must come from the host"
+    # Production refuses to start without client keys: compose must ask for them, not let
+    # the container crash-loop under restart: unless-stopped.
+    assert re.fullmatch(r"\$\{PROXY_API_KEYS:\?[^}]+\}", environment["PROXY_API_KEYS"])
 
 
 def test_the_proxy_starts_with_the_compose_environment(tmp_path, monkeypatch):
@@ -381,8 +428,133 @@ def test_compose_keeps_secrets_out_of_the_file():
                     f"{name}.{key} must come from the environment"
     password = compose()["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert re.fullmatch(r"\$\{\w+(:\?[^}]*)?\}", password), "no default Grafana password"
-    with pytest.raises(KeyError):
+    with pytest.raises(MissingVariable):
         interpolate("GF_SECURITY_ADMIN_PASSWORD", password, {})
+
+
+OPERATOR = {"PROXY_API_KEYS": HOST_KEYS, "GRAFANA_ADMIN_PASSWORD": "a-long-grafana-password"}
+
+
+def test_compose_up_without_proxy_api_keys_stops_with_the_files_message():
+    (message,) = re.findall(r"\$\{PROXY_API_KEYS:\?([^}]*)\}",
+                            (ROOT / "docker-compose.yml").read_text())
+    assert "id:key" in message  # says what to set, not only that it is missing
+    for unset in ({}, {"PROXY_API_KEYS": ""}):
+        host_env = {**OPERATOR, **unset}
+        if not unset:
+            del host_env["PROXY_API_KEYS"]
+        with pytest.raises(MissingVariable) as refused:
+            resolved_compose(host_env)
+        assert str(refused.value) == ("required variable PROXY_API_KEYS is missing a value: "
+                                      + message)
+
+
+def test_the_images_cmd_with_the_environment_compose_resolves_is_ready(context, tmp_path):
+    """``docker compose up`` with what the docs tell an operator to set: the image's CMD, its
+    ENV overridden by the proxy service's environment, serves and is ready."""
+    environment = service_environment("llm-proxy", OPERATOR)
+    assert environment["ENVIRONMENT"] == "production" and "HOST" not in environment
+    server = start_image_cmd(context, tmp_path / "proxy.log", container_env=environment)
+    try:
+        assert get(server.url + "/health/ready")[0] == 200
+        assert server.process.poll() is None
+    finally:
+        stop(server.process, signal.SIGKILL)
+    log = server.log.read_text()
+    assert "(production)" in log and "Traceback" not in log, log
+
+
+def documented_blocks() -> list[tuple[str, str]]:
+    """(file, text) of every shell snippet the docs show: fenced ``sh`` blocks in the README
+    and docs/operations.md, and the comment headers of the Dockerfile and compose file."""
+    blocks = []
+    for name in ("README.md", "docs/operations.md"):
+        text = (ROOT / name).read_text()
+        blocks += [(name, b) for b in re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S)]
+    for name in ("Dockerfile", "docker-compose.yml"):
+        header = []
+        for line in (ROOT / name).read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# "))
+        blocks.append((name, "\n".join(header)))
+    return blocks
+
+
+def docker_run_environment(command: str, host_env: dict) -> dict[str, str]:
+    """The variables a ``docker run`` command line's ``-e``/``--env`` flags set in the
+    container: ``NAME=value`` as written, ``NAME`` alone from ``host_env`` when set there."""
+    argv = shlex.split(command[command.index("docker run"):], comments=True)
+    environment, args = {}, iter(argv[2:])
+    for arg in args:
+        if arg in ("-e", "--env"):
+            item = next(args)
+        elif arg.startswith("--env="):
+            item = arg.split("=", 1)[1]
+        elif arg.startswith("-e") and not arg.startswith("--"):
+            item = arg[2:]
+        else:
+            continue
+        name, equals, value = item.partition("=")
+        if equals:
+            environment[name] = value
+        elif name in host_env:
+            environment[name] = host_env[name]
+    return environment
+
+
+def docker_run_commands() -> list[tuple[str, str]]:
+    return [(name, line) for name, block in documented_blocks()
+            for line in block.splitlines() if "docker run " in line]
+
+
+def test_every_documented_docker_run_starts_a_ready_proxy(context, tmp_path):
+    """Each ``docker run`` the docs show, for an operator who exported what they ask (the
+    client keys production requires), gives a container that serves and is ready."""
+    commands = docker_run_commands()
+    assert {name for name, _ in commands} >= {"Dockerfile", "docs/operations.md"}
+    for index, (name, command) in enumerate(commands):
+        environment = docker_run_environment(command, {"PROXY_API_KEYS": HOST_KEYS})
+        assert "PROXY_API_KEYS" in environment, f"{name}: {command}"
+        server = start_image_cmd(context, tmp_path / f"proxy-{index}.log",
+                                 container_env=environment)
+        try:
+            assert get(server.url + "/health/ready")[0] == 200, f"{name}: {command}"
+        finally:
+            stop(server.process, signal.SIGKILL)
+
+
+def test_every_documented_compose_up_sets_the_variables_compose_requires():
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text()))
+    assert required >= {"PROXY_API_KEYS", "GRAFANA_ADMIN_PASSWORD"}
+    ups = [(name, block) for name, block in documented_blocks()
+           if re.search(r"docker compose\b.*\bup\b", block)]
+    assert {name for name, _ in ups} >= {"README.md", "docs/operations.md",
+                                         "docker-compose.yml"}
+    for name, block in ups:
+        missing = {var for var in required if var not in block}
+        assert not missing, f"{name}: a `docker compose up` without {sorted(missing)}:\n{block}"
+
+
+def test_the_deployment_files_state_what_the_code_does():
+    texts = {name: (ROOT / name).read_text()
+             for name in ("Dockerfile", "docker-compose.yml", "docs/operations.md", "README.md")}
+    for name, text in texts.items():
+        assert "not read by the proxy yet" not in text, f"{name}: REDIS_URL is read (app/shared.py)"
+        assert "ignores SIGTERM" not in text, f"{name}: the proxy handles SIGTERM"
+    threads = re.findall(r"(\d+) threads", texts["Dockerfile"])
+    assert threads == [str(PRODUCTION_PROFILE["server"]["threads"])], threads
+    # docker stop (and compose) wait this long before SIGKILL: the drain must fit in it.
+    grace = load_settings({"ENVIRONMENT": "production",
+                           "PROXY_API_KEYS": HOST_KEYS}).server.shutdown_grace
+    period = compose()["services"]["llm-proxy"]["stop_grace_period"]
+    assert int(period.rstrip("s")) >= grace + 1, period
+    for name, command in docker_run_commands():
+        (timeout,) = re.findall(r"--stop-timeout[ =](\d+)", command) or [None]
+        assert timeout and int(timeout) >= grace + 1, f"{name}: {command}"
+    stated = re.findall(r"`SHUTDOWN_GRACE`(?: seconds \(|, )(\d+)", texts["docs/operations.md"]
+                        + texts["README.md"])
+    assert stated and {float(n) for n in stated} == {grace}, stated
 
 
 def test_compose_mounts_the_monitoring_files_where_their_configs_look():

@@ -237,3 +237,63 @@ def test_the_memory_thread_starts_with_the_app_and_stops_with_it(make_app, upstr
     assert memory.start() is False  # already running: no second thread
     app.extensions["llm_proxy"].close()
     assert not memory.running and not thread.is_alive()
+
+
+PROXY_HEADERS = ("X-Proxy-Provider", "X-Proxy-Attempts", "X-Proxy-Overhead-Ms")
+
+
+def test_a_cache_hit_carries_attempts_0_and_the_overhead_but_no_provider(make_app, upstream):
+    app = make_app([provider(upstream.url, "a")], cache={"enabled": True})
+    miss = post(app)
+    assert miss.headers["X-Cache"] == "MISS" and miss.headers["X-Proxy-Provider"] == "a"
+    for body in (CHAT, {**CHAT, "stream": True}):  # whole, and replayed as a stream
+        hit = post(app, body)
+        assert hit.headers["X-Cache"] == "HIT"
+        assert hit.headers["X-Proxy-Attempts"] == "0"
+        assert float(hit.headers["X-Proxy-Overhead-Ms"]) >= 0
+        assert "X-Proxy-Provider" not in hit.headers  # unknown for a stored answer
+    assert upstream.calls == 1
+
+
+def test_a_502_carries_attempts_and_overhead_and_no_empty_provider(app, upstream, upstream_b):
+    upstream.script(Reply(500, {}))
+    upstream_b.script(Reply(500, {}))
+    response = post(app)
+    assert response.status_code == 502
+    assert response.headers["X-Proxy-Attempts"] == "2"
+    assert float(response.headers["X-Proxy-Overhead-Ms"]) >= 0
+    assert "X-Proxy-Provider" not in response.headers
+
+
+def test_a_503_with_every_provider_skipped_carries_attempts_0(make_app, upstream):
+    app = make_app([provider(upstream.url, "a")], http_client={"retry_attempts": 0},
+                   circuit_breaker={"failure_threshold": 1, "adaptive_thresholds": False})
+    upstream.script(Reply(500, {}))
+    assert post(app).status_code == 502
+    response = post(app)
+    assert response.status_code == 503
+    assert response.headers["X-Proxy-Attempts"] == "0"
+    assert "X-Proxy-Overhead-Ms" in response.headers and "X-Proxy-Provider" not in response.headers
+
+
+def test_a_request_the_proxy_refuses_itself_carries_attempts_0(app, upstream):
+    response = post(app, {**CHAT, "model": "nope"})
+    assert response.status_code == 404
+    assert response.headers["X-Proxy-Attempts"] == "0"
+    assert "X-Proxy-Overhead-Ms" in response.headers and "X-Proxy-Provider" not in response.headers
+    assert upstream.calls == 0
+
+
+def test_an_upstreams_own_client_error_names_its_provider(app, upstream):
+    upstream.script(Reply(400, {"error": {"message": "bad", "type": "invalid_request_error"}}))
+    response = post(app)
+    assert response.status_code == 400
+    assert response.headers["X-Proxy-Provider"] == "a"
+    assert response.headers["X-Proxy-Attempts"] == "1"
+
+
+def test_answers_that_are_not_proxied_carry_no_proxy_headers(app):
+    for path in ("/v1/models", "/providers", "/health"):
+        response = app.test_client().get(path)
+        assert response.status_code == 200 and "X-Request-ID" in response.headers
+        assert not set(PROXY_HEADERS) & set(response.headers.keys()), path

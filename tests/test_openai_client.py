@@ -68,3 +68,12 @@ def test_unknown_model_is_a_404_naming_what_exists(client, upstream):
 def test_the_client_key_is_not_forwarded_upstream(client, upstream):
     client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
     assert "client-key" not in str(upstream.requests[0].headers)
+
+
+def test_one_model_is_retrieved_through_the_sdk(client):
+    model = client.models.retrieve("fast")
+    assert (model.id, model.object, model.owned_by) == ("fast", "model", "up")
+    assert isinstance(model.created, int)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("nope")
+    assert raised.value.body["code"] == "model_not_found"

@@ -66,3 +66,97 @@ def test_waitress_serve_call_works(start):
     waitress = Path(sys.executable).parent / "waitress-serve"
     process = start(str(waitress), f"--listen=127.0.0.1:{port}", "--call", "app:create_app")
     assert wait_ready(f"http://127.0.0.1:{port}", process).status_code == 200
+
+
+def held_port():
+    """A loopback port something else already listens on (a plain socket, as any server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def finished(process, seconds=20):
+    """The process's exit status, stdout and stderr once it exits (killed after ``seconds``)."""
+    try:
+        out, err = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate(timeout=10)
+    return process.returncode, out, err
+
+
+@pytest.fixture
+def run(tmp_path):
+    """Start ``python wsgi.py`` (or any argv) in ``tmp_path`` with only the given environment,
+    stdout and stderr apart; every process is stopped at the end."""
+    processes = []
+
+    def run(*argv, **env):
+        process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+                                        "HOST": "127.0.0.1", **env})
+        processes.append(process)
+        return process
+
+    yield run
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_line_on_stderr_and_exit_status_2(run, workers):
+    with held_port() as taken:
+        port = taken.getsockname()[1]
+        status, out, err = finished(run(sys.executable, str(ROOT / "wsgi.py"), PORT=str(port),
+                                        WORKERS=workers))
+    assert status == 2, out + err
+    assert err == f"llm-proxy: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert "Traceback" not in out and "listening on" not in out
+
+
+def test_a_second_supervisor_refuses_the_port_of_a_live_one_instead_of_sharing_it(run,
+                                                                                  tmp_path):
+    """Workers bind with SO_REUSEPORT, which would let a second WORKERS=2 proxy on the same
+    port take half the connections, silently; it must refuse like any taken port."""
+    port = free_port()
+    first = run(sys.executable, str(ROOT / "wsgi.py"), PORT=str(port), WORKERS="2")
+    url = f"http://127.0.0.1:{port}"
+    assert wait_ready(url, first).status_code == 200
+    status, out, err = finished(run(sys.executable, str(ROOT / "wsgi.py"), PORT=str(port),
+                                    WORKERS="2"))
+    assert status == 2, out + err
+    assert err == f"llm-proxy: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert first.poll() is None and requests.get(url + "/health/live", timeout=2).ok
+
+
+def test_python_wsgi_logs_the_address_it_really_listens_on(run):
+    port = free_port()
+    process = run(sys.executable, str(ROOT / "wsgi.py"), HOST="localhost", PORT=str(port))
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    process.terminate()
+    status, out, err = finished(process)
+    banner, *rest = out.splitlines()
+    assert "localhost" not in banner and ":8000" not in banner
+    assert any(line.endswith(f"listening on 127.0.0.1:{port}") for line in rest), out
+
+
+def test_waitress_serve_banner_does_not_claim_an_address_it_does_not_serve(run):
+    """waitress-serve listens where its own flags say (0.0.0.0:8080 by default), not on HOST
+    and PORT: the banner must not claim the settings' 127.0.0.1:8000."""
+    port = free_port()
+    waitress = Path(sys.executable).parent / "waitress-serve"
+    process = run(str(waitress), f"--listen=127.0.0.1:{port}", "--call", "app:create_app")
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    process.terminate()
+    status, out, err = finished(process)
+    (banner,) = [line for line in out.splitlines() if "llm-proxy 1." in line]
+    assert "127.0.0.1:8000" not in banner and " on " not in banner.split("providers:")[0]
+    assert f"Serving on http://127.0.0.1:{port}" in out + err  # waitress says where it is

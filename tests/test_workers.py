@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from app.supervision import SupervisorState
-from app.workers import Supervisor, worker_count
+from app.workers import Supervisor
 from tests.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -344,8 +343,39 @@ def test_stop_ends_every_worker_even_one_that_ignores_sigterm(tmp_path):
         runner.join(timeout=10)
 
 
-def test_worker_count_reads_workers_and_defaults_to_one():
-    assert worker_count({}) == 1
-    assert worker_count({"WORKERS": "4"}) == 4
-    with pytest.raises(SystemExit):
-        worker_count({"WORKERS": "0"})
+def test_workers_in_the_config_file_run_that_many_processes_under_a_supervisor(tmp_path):
+    """``server.workers`` is the setting; WORKERS is only its variable."""
+    port = _free_port()
+    env = _worker_env(tmp_path, port)
+    (tmp_path / "proxy.yaml").write_text(
+        "server: {workers: 2}\nproviders: [{name: mock, type: mock, models: [m]}]\n")
+    env.pop("WORKERS", None)
+    out = open(tmp_path / "supervisor.log", "wb")
+    supervisor = subprocess.Popen([sys.executable, "wsgi.py"], cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def supervised():
+            try:
+                status, body = _get_json(port, "/metrics?format=json")
+            except (OSError, http.client.HTTPException):
+                return None
+            slots = body.get("supervisor", {}).get("workers", [])
+            return [s["state"] for s in slots] == ["running", "running"]
+
+        assert _wait_for(supervised, 30), (tmp_path / "supervisor.log").read_text()
+        assert len(psutil.Process(supervisor.pid).children()) == 2
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=20) == 0
+    finally:
+        _kill_tree(supervisor)
+        out.close()
+
+
+def test_a_bad_workers_value_stops_start_up_with_one_line(tmp_path):
+    env = _worker_env(tmp_path, _free_port(), WORKERS="0")
+    result = subprocess.run([sys.executable, "wsgi.py"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("llm-proxy: bad configuration: ") and "server.workers" in line \
+        and "at least 1" in line, line

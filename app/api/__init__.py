@@ -16,6 +16,7 @@ from app.gateway import RequestContext
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes: no access log line
+_PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings")
 
 
 def register(app):
@@ -66,9 +67,13 @@ def _proxy_headers(response):
         headers["X-Proxy-Coalesced"] = "true"
     if ctx.condensed:
         headers["X-Proxy-Condensed"] = ctx.condensed
-    if ctx.attempts or ctx.provider:
+    if request.endpoint and request.endpoint.removesuffix("_unversioned") in _PROXIED:
+        # Every answer to a proxied call, errors and cache hits included: attempts 0 when no
+        # upstream was called; no provider header rather than an empty one when none answered
+        # (a gateway 502/503/504, a refusal, a stored answer whose provider is not kept).
         overhead = (llm_proxy.clock() - ctx.started - ctx.upstream_seconds) * 1000
-        headers["X-Proxy-Provider"] = ctx.provider
+        if ctx.provider:
+            headers["X-Proxy-Provider"] = ctx.provider
         headers["X-Proxy-Attempts"] = str(ctx.attempts)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
     if ctx.admission is not None:

@@ -1,10 +1,12 @@
 """``/health`` in the seed's shape, ``/health/live`` and ``/health/ready``; no upstream calls.
 
 Status rules: ``unhealthy`` (HTTP 503) when no provider can serve or memory is critical;
-``warning`` (HTTP 200) when a check warns (a breaker open, memory past its threshold, an
-upstream error rate over 10% across at least 20 calls, Redis unreachable while the proxy
-serves from its local stores); ``healthy`` otherwise. The ``redis`` check is there only
-with ``REDIS_URL``.
+``warning`` (HTTP 200) when a check warns (a breaker open, an enabled provider whose key
+variable is unset, memory past its threshold, an upstream error rate over 10% across at least
+20 calls, Redis unreachable while the proxy serves from its local stores); ``healthy``
+otherwise. The ``providers`` check names each unset key variable in ``missing_keys``, there
+only when one is: otherwise every check keeps the seed's fields. The ``redis`` check is there
+only with ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,14 @@ def _serving(llm_proxy) -> int:
 def _providers(llm_proxy):
     enabled = sum(1 for a in llm_proxy.providers if a.settings.enabled)
     serving = _serving(llm_proxy)
-    status = "unhealthy" if serving == 0 else "warning" if serving < enabled else "healthy"
-    return {"status": status, "total": len(llm_proxy.providers), "enabled": enabled}
+    missing = [{"provider": a.name, "env": a.missing_key} for a in llm_proxy.providers
+               if a.settings.enabled and a.missing_key]
+    status = ("unhealthy" if serving == 0 else "warning" if serving < enabled or missing
+              else "healthy")
+    check = {"status": status, "total": len(llm_proxy.providers), "enabled": enabled}
+    if missing:  # the calls of these go without a key: most upstreams refuse them
+        check["missing_keys"] = missing
+    return check
 
 
 def _memory(llm_proxy):

@@ -6,6 +6,7 @@ import orjson
 from flask import Blueprint, Response, g, request
 
 from app.api import authenticate, proxy
+from app.errors import ModelNotFound
 from app.providers import Call
 from app.validation import parse_body, validate
 
@@ -40,10 +41,24 @@ def embeddings():
 
 @_route("/models", methods=["GET"])
 def models():
-    router = proxy().router
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner}
-            for name, owner in router.model_owners()]
+    """Every name and alias served, and the listed models behind the patterns (no upstream
+    call: ``ModelDiscovery`` asked in the background)."""
+    data = [_model(name, owner, created) for name, owner, created in proxy().router.models()]
     return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
+
+
+@_route("/models/<path:model>", methods=["GET"])
+def model(model):
+    """One model in OpenAI's shape (ids such as ``org/name`` have slashes), or a 404."""
+    found = proxy().router.model(model)
+    if found is None:
+        raise ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy.",
+                            param="model")
+    return Response(orjson.dumps(_model(model, *found)), mimetype="application/json")
+
+
+def _model(name, owner, created):
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
 
 
 def _serve(endpoint):

@@ -8,34 +8,51 @@ event by event in ``anthropic_stream``.
 from __future__ import annotations
 
 import time
+from urllib.parse import quote
 
 import orjson
 
 from app.errors import InvalidRequest, UpstreamError
 from app.http_client import is_json, read_body
 from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
-from app.providers.base import (ProviderAdapter, Reply, parse_json, replayed,
+from app.providers.base import (ProviderAdapter, Reply, listed_models, parse_json, replayed,
                                 upstream_failure)
 from app.validation import MAX_DEPTH, nesting_depth, too_deep
 
 API_VERSION = "2023-06-01"
 
 TOOL_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
+MODEL_PAGES = 20  # of up to 1000 models each: Anthropic lists a few dozen
 
 
 class AnthropicAdapter(ProviderAdapter):
     """Speaks the Messages API for chat and legacy completion calls."""
 
     endpoints = ("chat", "completions")
+    lists_models = True
 
     def __init__(self, settings, http, *, clock=time.time):
         super().__init__(settings, http)
         self._clock = clock  # wall clock for ``created``: Anthropic's answers carry no time
         base = settings.base_url.rstrip("/")
         self._url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        self._models_url = base + ("/models" if base.endswith("/v1") else "/v1/models")
         key = settings.api_key
         self._headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
                          **({"x-api-key": key} if key else {}), **settings.headers}
+
+    def list_models(self, timeout: float) -> dict[str, int] | None:
+        """``GET /v1/models``, page by page (``has_more``, ``after_id``)."""
+        headers = {k: v for k, v in self._headers.items() if k != "content-type"}
+        found, after = {}, ""
+        for _ in range(MODEL_PAGES):
+            query = "?limit=1000" + (f"&after_id={quote(after, safe='')}" if after else "")
+            page = self._get_model_list(self._models_url + query, headers, timeout)
+            found.update(listed_models(page))
+            after = page.get("last_id")
+            if page.get("has_more") is not True or not isinstance(after, str) or not after:
+                break
+        return found
 
     def send(self, call, model, ctx) -> Reply:
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
@@ -76,7 +93,8 @@ class AnthropicAdapter(ProviderAdapter):
         response = self.http.post(self._url, payload, headers, ctx, stream=stream)
         if not 200 <= response.status_code < 300:
             try:
-                raise upstream_failure(response, self.name, translate_error=openai_error)
+                raise upstream_failure(response, self.name, translate_error=openai_error,
+                                       key_hint=self.key_hint(response.status_code))
             finally:
                 response.close()
         return response

@@ -21,5 +21,11 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         key = self.settings.api_key
         return {"api-key": key} if key else {}
 
+    lists_models = False
+
+    def list_models(self, timeout: float) -> None:
+        """Model names here are deployment names, which the data-plane API does not list."""
+        return None
+
     def url(self, endpoint: str, model: str) -> str:
         return f"{self._base}/openai/deployments/{quote(model, safe='')}{PATHS[endpoint]}{self._query}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import orjson
 
@@ -12,6 +13,9 @@ from app.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
 PROVIDER_4XX = frozenset((401, 403, 408, 429))  # another provider may well serve the client
+KEY_REFUSED = frozenset((401, 403))
+MAX_LISTED_MODELS = 10000  # a model list past this is cut: a real one holds a few hundred
+MAX_MODEL_ID = 256  # characters; a longer id is no model name
 
 
 @dataclass
@@ -41,6 +45,7 @@ class ProviderAdapter:
     """
 
     endpoints = ENDPOINTS
+    lists_models = False  # whether ``list_models`` can ask the upstream
 
     def __init__(self, settings, http=None):
         self.settings = settings
@@ -55,20 +60,53 @@ class ProviderAdapter:
         """An iterator of OpenAI SSE events; it fails before its first event if it fails early."""
         raise NotImplementedError
 
+    @property
+    def missing_key(self) -> str:
+        """The variable meant to hold this provider's key when it is unset; "" otherwise (a key
+        is set, or the provider needs none: no ``api_key_env``, as for a local vLLM)."""
+        s = self.settings
+        return s.api_key_env if s.api_key_env and not s.api_key else ""
+
+    def list_models(self, timeout: float) -> dict[str, int] | None:
+        """The upstream's own models (id -> created, 0 when unknown), asked of it now; None when
+        this provider cannot tell. UpstreamError when asking failed."""
+        return None
+
     def close(self):
         if self.http is not None:
             self.http.close()
 
+    def _get_model_list(self, url: str, headers: dict, timeout: float) -> dict:
+        """One page of the upstream's model list, as JSON; UpstreamError for any other answer."""
+        status, body = self.http.get(url, headers, timeout=timeout)
+        if not 200 <= status < 300:
+            raise UpstreamError(f"provider {self.name} answered HTTP {status}"
+                                f"{self.key_hint(status)}", provider=self.name,
+                                upstream_status=status, kind="status")
+        answer = parse_json(body, self.name)
+        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+            raise UpstreamError(f"provider {self.name} sent a model list without a data list",
+                                provider=self.name, kind="protocol")
+        return answer
 
-def upstream_failure(response, provider: str, translate_error=None):
+    def key_hint(self, status: int) -> str:
+        """What to add to a refusal of our key when the variable meant to hold it is unset."""
+        missing = self.missing_key
+        if not missing or status not in KEY_REFUSED:
+            return ""
+        return f" (its key variable {missing} is unset)"
+
+
+def upstream_failure(response, provider: str, translate_error=None, *, key_hint=""):
     """The error for a non-2xx upstream answer: the client's own 4xx, or a provider failure
     (anything else: 5xx, a status no HTTP server should send such as 1xx or 999, and the 4xx
-    that say more about the provider than the client: 401/403, our key is bad; 408 and 429)."""
+    that say more about the provider than the client: 401/403, our key is bad; 408 and 429).
+    ``key_hint`` (from ``ProviderAdapter.key_hint``) follows the status in the message."""
     status = response.status_code
     body = read_body(response)
     if not 400 <= status < 500 or status in PROVIDER_4XX:
         return UpstreamError(
-            f"provider {provider} answered HTTP {status}", provider=provider,
+            f"provider {provider} answered HTTP {status}{key_hint}", provider=provider,
             upstream_status=status, kind="status",
             retry_after=retry_after_seconds(response.headers.get("Retry-After")))
     message, error_body = _client_error(body, status, translate_error)
@@ -90,6 +128,27 @@ def _client_error(body: bytes, status: int, translate_error):
             "param": error.get("param"), "code": error.get("code")}})
     message = f"the provider refused the request (HTTP {status})"
     return message, None
+
+
+def listed_models(page: dict) -> dict[str, int]:
+    """id -> created (epoch seconds, 0 when unknown) of a model list page: OpenAI's
+    ``{"data": [{"id", "created"}]}`` or Anthropic's ``{"data": [{"id", "created_at"}]}``."""
+    found = {}
+    for item in page["data"][:MAX_LISTED_MODELS]:
+        model = item.get("id") if isinstance(item, dict) else None
+        if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_ID:
+            found[model] = _created(item)
+    return found
+
+
+def _created(item: dict) -> int:
+    created = item.get("created")
+    if isinstance(created, int) and not isinstance(created, bool) and created >= 0:
+        return created
+    try:
+        return max(0, int(datetime.fromisoformat(item["created_at"]).timestamp()))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return 0
 
 
 def parse_json(body: bytes, provider: str):

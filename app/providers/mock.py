@@ -22,6 +22,10 @@ class MockAdapter(ProviderAdapter):
         super().__init__(settings, http)
         self._sleep, self._clock = sleep, clock
 
+    @property
+    def missing_key(self) -> str:
+        return ""  # no network, no key
+
     def send(self, call, model, ctx) -> Reply:
         ctx.attempts += 1
         self._wait(self.settings.latency_ms)

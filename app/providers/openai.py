@@ -6,7 +6,7 @@ import orjson
 
 from app.errors import UpstreamError
 from app.http_client import is_json, read_body
-from app.providers.base import (ProviderAdapter, Reply, parse_json, replayed,
+from app.providers.base import (ProviderAdapter, Reply, listed_models, parse_json, replayed,
                                 upstream_failure)
 from app.sse import DONE, KEEPALIVE, event_field
 
@@ -16,10 +16,13 @@ PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings
 class OpenAIAdapter(ProviderAdapter):
     """Forwards the client's body as is (only the model name may change) and relays the answer."""
 
+    lists_models = True
+
     def __init__(self, settings, http):
         super().__init__(settings, http)
         base = settings.base_url.rstrip("/")
         self._urls = {endpoint: base + path for endpoint, path in PATHS.items()}
+        self._models_url = base + "/models"
         self._headers = {"Content-Type": "application/json", **self.auth_headers(),
                          **settings.headers}
 
@@ -29,6 +32,11 @@ class OpenAIAdapter(ProviderAdapter):
 
     def url(self, endpoint: str, model: str) -> str:
         return self._urls[endpoint]
+
+    def list_models(self, timeout: float) -> dict[str, int] | None:
+        """``GET {base_url}/models``, which every OpenAI-compatible server answers."""
+        headers = {**self.auth_headers(), **self.settings.headers}
+        return listed_models(self._get_model_list(self._models_url, headers, timeout))
 
     def payload(self, call, model: str) -> bytes:
         """The client's bytes when nothing changes; re-serialised only for an alias."""
@@ -55,7 +63,8 @@ class OpenAIAdapter(ProviderAdapter):
                                   headers, ctx, stream=stream)
         if not 200 <= response.status_code < 300:
             try:
-                raise upstream_failure(response, self.name)
+                raise upstream_failure(response, self.name,
+                                       key_hint=self.key_hint(response.status_code))
             finally:
                 response.close()
         return response
