@@ -7,7 +7,7 @@ FROM python:3.11-slim
 
 # ENVIRONMENT=production applies settings.PRODUCTION_PROFILE: host 0.0.0.0, 256 threads,
 # connection limit 2000, log level WARNING, client keys required. Override any setting with its
-# env var (THREADS, CONNECTION_LIMIT, PORT...; the README's table lists them all).
+# env var (THREADS, CONNECTION_LIMIT, PORT...; docs/configuration.md lists them all).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

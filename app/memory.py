@@ -327,7 +327,7 @@ class MemoryManager:
         survivors (the start-up objects) out of later collections. Call once after start-up;
         False (and nothing done) when disabled or already tuned.
 
-        The collection first keeps start-up garbage from being frozen for good. The seed's
+        The collection first keeps start-up garbage from being frozen for good. The classic
         thresholds (50000, 20, 20) are kept: measured here, raising gen-0 cut collections a
         hundredfold without a throughput change in a short run; freezing is the sure gain
         (later full collections skip tens of thousands of objects).
@@ -406,7 +406,7 @@ class MemoryManager:
     def stats(self) -> dict:
         """For /health and /metrics. Sizes in MiB (1024 * 1024 bytes), read now.
 
-        ``rss_mb`` = ``used_mb``: this process's resident set size (the seed's /health name
+        ``rss_mb`` = ``used_mb``: this process's resident set size (the /health name
         is ``used_mb``). ``usage_percent``: the machine's memory in use, (total - available)
         / total * 100, as psutil's ``virtual_memory().percent``; ``available_mb`` and
         ``total_mb``: the machine's available and total memory (in a container, psutil

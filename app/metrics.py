@@ -252,7 +252,7 @@ def _rss_bytes(memory) -> float:
 
 
 def json_view(llm_proxy) -> dict:
-    """The figures in the seed's JSON shape (``/metrics?format=json``)."""
+    """The figures in the JSON shape (``/metrics?format=json``)."""
     p = llm_proxy
     with_http = [a for a in p.providers if a.http is not None]
     caches = p.caches.stats()

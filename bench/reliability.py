@@ -262,7 +262,7 @@ def _parse(argv):
 
 
 def proxy_config(args) -> dict:
-    """The proxy's YAML besides the providers: short timeouts, the seed's breaker settings."""
+    """The proxy's YAML besides the providers: short timeouts, the default breaker settings."""
     return {
         "http_client": {"retry_attempts": args.retry_attempts,
                         "connect_timeout": args.connect_timeout, "timeout": args.read_timeout},

@@ -310,7 +310,7 @@ def test_request_key_differs_by_endpoint_and_by_content():
     assert key != request_key("/v1/completions", body, ignore=("prompt",))
 
 
-def test_build_caches_splits_the_budget_80_20_with_the_seed_sizes(clock):
+def test_build_caches_splits_the_budget_80_20_with_the_default_sizes(clock):
     caches = build_caches(clock=clock)
     response, summary = caches.get("response").stats(), caches.get("summary").stats()
     assert response["max_bytes"] + summary["max_bytes"] == 512 * 2**20

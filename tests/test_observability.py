@@ -1,4 +1,4 @@
-"""/health in the seed's shape, /health/live and /ready, /metrics (text and JSON), access log."""
+"""/health's documented shape, /health/live and /ready, /metrics (text and JSON), access log."""
 
 import json
 
@@ -9,7 +9,7 @@ from tests.conftest import FakeClock, provider
 from tests.upstream import Reply, Stream, chat_chunks
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-SEED_CHECKS = {
+HEALTH_CHECKS = {
     "providers": {"status": str, "total": int, "enabled": int},
     "memory": {"status": str, "usage_percent": float, "used_mb": float, "available_mb": float},
     "cache": {"status": str, "entries": int, "hit_rate": float, "memory_mb": float},
@@ -56,13 +56,13 @@ def value(found, name, **labels):
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_health_has_exactly_the_seeds_shape(app):
+def test_health_has_exactly_the_documented_shape(app):
     post(app)
     body = app.test_client().get("/health").json
     assert set(body) == {"status", "timestamp", "version", "uptime", "checks"}
     assert isinstance(body["timestamp"], float) and isinstance(body["uptime"], float)
-    assert set(body["checks"]) == set(SEED_CHECKS)
-    for check, fields in SEED_CHECKS.items():
+    assert set(body["checks"]) == set(HEALTH_CHECKS)
+    for check, fields in HEALTH_CHECKS.items():
         assert set(body["checks"][check]) == set(fields), check
         for field, kind in fields.items():
             got = body["checks"][check][field]
@@ -150,7 +150,7 @@ def test_cache_results_and_stream_durations_are_counted(make_app, upstream):
     assert value(found, "llm_proxy_cache_hits_total", cache="response_cache") == 1
 
 
-def test_the_json_view_has_the_seeds_sections(app):
+def test_the_json_view_has_the_documented_sections(app):
     post(app)
     for response in (app.test_client().get("/metrics?format=json"),
                      app.test_client().get("/metrics", headers={"Accept": "application/json"})):

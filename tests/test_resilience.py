@@ -29,7 +29,7 @@ def clock():
 
 @pytest.fixture
 def pair(make_app, upstream, upstream_b, clock):
-    """a (priority 1) in front of b (priority 2); no retries; the seed's breaker settings."""
+    """a (priority 1) in front of b (priority 2); no retries; the default breaker settings."""
     return make_app([provider(upstream.url, "a", priority=1),
                      provider(upstream_b.url, "b", priority=2)],
                     clock=clock, http_client={"retry_attempts": 0, "timeout": 0.5},

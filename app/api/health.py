@@ -1,11 +1,11 @@
-"""``/health`` in the seed's shape, ``/health/live`` and ``/health/ready``; no upstream calls.
+"""``/health`` (every check, no upstream call), ``/health/live`` and ``/health/ready``; no upstream calls.
 
 Status rules: ``unhealthy`` (HTTP 503) when no provider can serve or memory is critical;
 ``warning`` (HTTP 200) when a check warns (a breaker open, an enabled provider whose key
 variable is unset, memory past its threshold, an upstream error rate over 10% across at least
 20 calls, Redis unreachable while the proxy serves from its local stores); ``healthy``
 otherwise. The ``providers`` check names each unset key variable in ``missing_keys``, there
-only when one is: otherwise every check keeps the seed's fields. The ``redis`` check is there
+only when one is: otherwise every check keeps its documented fields. The ``redis`` check is there
 only with ``REDIS_URL``.
 """
 

@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus text, or the seed's JSON shape for ``Accept: application/json``
+"""``GET /metrics``: Prometheus text, or the same as JSON for ``Accept: application/json``
 or ``?format=json``. Absent (404) when metrics are off."""
 
 from __future__ import annotations
