@@ -1,6 +1,7 @@
 """Pooled HTTP to one provider: a requests Session, timeouts, retry with backoff, client stats.
 
-This module is the boundary where requests/urllib3 exceptions become the proxy's own errors.
+``post`` answers with the proxy's own ``UpstreamResponse`` (app/upstream.py, where every
+requests/urllib3 exception becomes the proxy's error): adapters never see a requests type.
 Retries happen only where the upstream cannot have started generating: a connection that was
 never made, or an answer of 429/502/503/504 (the upstream refused; nothing is being billed);
 and only on a request's last candidate provider: with another one left, the gateway falls back
@@ -9,33 +10,23 @@ at once instead of sleeping in a worker thread to retry.
 
 from __future__ import annotations
 
-import http.client
 import http.cookiejar
 import random
-import select
-import ssl
 import threading
 import time
-from email.utils import parsedate_to_datetime
-from types import SimpleNamespace
 
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from app.errors import UpstreamError, UpstreamTimeout
-from app.sse import KEEPALIVE, iter_events
+from app.upstream import UpstreamResponse, failed_request, retry_after_seconds
 from settings import StreamingSettings
 
 RETRY_STATUSES = frozenset((429, 502, 503, 504))
-CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
 TICK = 1.0  # the longest a quiet stream's thread waits before it looks up
 REDACTED = b"[redacted]"
-STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError,
-                 http.client.HTTPException)
 
 
 class ClientStats:
@@ -78,9 +69,11 @@ class HttpClient:
         self._secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
         self.streaming = streaming or StreamingSettings()
         # How often a quiet stream wakes its thread: keep-alives, idle checks, client gone.
-        self._tick = min(TICK, *(v / 2 for v in (self.streaming.keepalive_interval,
-                                                 self.streaming.idle_timeout) if v))
+        self.tick = min(TICK, *(v / 2 for v in (self.streaming.keepalive_interval,
+                                                self.streaming.idle_timeout) if v))
         self.timeout = (settings.connect_timeout, read_timeout or settings.timeout)
+        self.read_timeout = self.timeout[1]
+        self.clock = clock
         self.stats = ClientStats()
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
         self._last_used = clock()
@@ -88,12 +81,12 @@ class HttpClient:
         self._adapter = self.session.get_adapter("https://")
         self._headers = dict(self.session.headers)
 
-    def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> requests.Response:
-        """POST with retries; the final response (any status but a redirect) or UpstreamError.
+    def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> UpstreamResponse:
+        """POST with retries; the final answer (any status but a redirect) or UpstreamError.
 
         The body of a whole answer is read here, within ``max_response_mb`` and the request's
-        deadline, and so is an error's body and a JSON answer sent where a stream was asked:
-        ``response.content`` is then that body. A stream's body is left to ``events``.
+        deadline, and so is an error's body and a JSON answer sent where a stream was asked;
+        a stream's body is left to ``UpstreamResponse.events``.
         """
         self._expire_idle_connections()
         if stream:  # relay bytes as they come: no compression to undo
@@ -118,10 +111,11 @@ class HttpClient:
                                         "redirect, which the proxy does not follow",
                                         provider=self.provider, upstream_status=status,
                                         kind="redirect")
-                if not stream or not 200 <= status < 300 or is_json(response):
-                    self._read_whole(response, ctx)
+                answer = UpstreamResponse(response, self, ctx)
+                if not stream or not answer.ok or answer.is_json:
+                    answer.read(ctx.deadline)
             except requests.RequestException as e:
-                error = self._translate(e)
+                error = failed_request(e, self.provider)
                 self._finish(ctx, started, failed=True)
                 delay = self._can_retry(attempt, ctx, None) if error.retryable else None
                 if delay is None:
@@ -134,43 +128,15 @@ class HttpClient:
             failed = status >= 500 or status == 429
             self._finish(ctx, started, failed)
             if status in RETRY_STATUSES:
-                delay = self._can_retry(attempt, ctx, response)
+                delay = self._can_retry(attempt, ctx, answer)
                 if delay is not None:
-                    response.close()
+                    answer.close()
                     self._sleep(delay)
                     continue
-            return response
+            return answer
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def events(self, response: requests.Response, ctx):
-        """The SSE events of a streamed answer as they arrive, and ``KEEPALIVE`` whenever a wait
-        for the upstream completed no event (at least every ``tick`` seconds of quiet), so the
-        caller can send keep-alives and notice a client that left.
-
-        Bounded: an event past ``streaming.max_event_kb``, no event for
-        ``streaming.idle_timeout`` (bytes dripping without an event boundary included), the
-        stream running past ``streaming.max_duration`` from the request's start, or no byte for
-        the read timeout each raise UpstreamError (UpstreamTimeout for the times).
-        """
-        limits, name = self.streaming, self.provider
-        ends_at = ctx.started + limits.max_duration
-        last_event = self._clock()
-        for event in iter_events(self._iter_body(response), provider=name,
-                                 max_event_bytes=int(limits.max_event_kb * 1024)):
-            now = self._clock()
-            if event is not KEEPALIVE:
-                last_event = now
-            elif now - last_event > limits.idle_timeout:
-                raise UpstreamTimeout(f"provider {name} sent no event for "
-                                      f"{limits.idle_timeout:g} s (streaming.idle_timeout)",
-                                      provider=name, kind="idle")
-            if now > ends_at:
-                raise UpstreamTimeout(f"provider {name}: the stream ran past its maximum of "
-                                      f"{limits.max_duration:g} s (streaming.max_duration)",
-                                      provider=name, kind="duration")
-            yield self._scrub(event) if self._secrets else event
-
-    def _scrub(self, data: bytes) -> bytes:
+    def scrub(self, data: bytes) -> bytes:
         """``data`` with every secret of this provider replaced by ``[redacted]``."""
         for secret in self._secrets:
             if secret in data:
@@ -184,18 +150,19 @@ class HttpClient:
         """One GET made outside any client's request (a provider's model list): no retries, not
         counted in the stats (it is no client's traffic), the body read whole within
         ``max_response_mb`` and ``timeout``. The status and body, or UpstreamError."""
-        bound = SimpleNamespace(deadline=self._clock() + timeout)  # what _read_whole looks at
+        deadline = self._clock() + timeout
         request = self._prepare(url, None, headers, method="GET")
         try:
             response = self._adapter.send(request, stream=True,
                                           timeout=(min(self.timeout[0], timeout), timeout))
         except requests.RequestException as e:
-            raise self._translate(e) from None
+            raise failed_request(e, self.provider) from None
+        answer = UpstreamResponse(response, self, None)
         try:
-            self._read_whole(response, bound)
+            answer.read(deadline)
         finally:
-            response.close()
-        return response.status_code, response.content
+            answer.close()
+        return answer.status, answer.body()
 
     def _prepare(self, url, body: bytes | None, headers: dict, *,
                  method="POST") -> PreparedRequest:
@@ -225,7 +192,7 @@ class HttpClient:
         s = self.settings
         delay = min(s.backoff_max, s.backoff_base * (2 ** attempt)) * (0.5 + self._jitter() / 2)
         if response is not None:
-            after = retry_after_seconds(response.headers.get("Retry-After"))
+            after = retry_after_seconds(response.header("Retry-After"))
             if after is not None:
                 if after > s.retry_after_max:
                     return None  # the provider asks for longer than we wait: let fallback act
@@ -234,169 +201,11 @@ class HttpClient:
             return None
         return delay
 
-    def _translate(self, e: requests.RequestException) -> UpstreamError:
-        name = self.provider
-        if isinstance(e, requests.ConnectTimeout):
-            error = UpstreamTimeout(f"provider {name}: connect timeout", provider=name,
-                                    kind="connect", retryable=True)
-        elif isinstance(e, requests.ReadTimeout):
-            error = UpstreamTimeout(f"provider {name}: no answer within the read timeout",
-                                    provider=name, kind="timeout")
-        elif isinstance(e, requests.ConnectionError) and _never_connected(e):
-            error = UpstreamError(f"provider {name}: connection failed", provider=name,
-                                  kind="connect", retryable=True)
-        elif isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
-            error = UpstreamError(f"provider {name}: connection lost", provider=name, kind="connection")
-        else:
-            error = UpstreamError(f"provider {name}: request failed", provider=name, kind="protocol")
-        return error
-
     def _expire_idle_connections(self):
         """Drop pooled connections idle past keepalive_expiry (upstreams close them anyway)."""
         if self._clock() - self._last_used > self.settings.keepalive_expiry:
             for adapter in self.session.adapters.values():
                 adapter.poolmanager.clear()
-
-
-    def _read_whole(self, response: requests.Response, ctx) -> None:
-        """Read the (decompressed) body into ``response.content``, in pieces as they arrive:
-        past ``max_response_mb`` or the request's deadline it is an UpstreamError."""
-        limit = int(self.settings.max_response_mb * 1024 * 1024)
-        parts, size = [], 0
-        try:
-            while True:
-                remaining = ctx.deadline - self._clock()
-                if remaining <= 0:
-                    raise UpstreamTimeout(f"provider {self.provider}: the answer was still "
-                                          "arriving when the request deadline passed",
-                                          provider=self.provider, kind="timeout")
-                # read1: whatever has arrived, so a body dripping byte by byte still meets the
-                # deadline check; decompressed at most CHUNK at a time (urllib3 >= 2.6)
-                data = response.raw.read1(CHUNK, decode_content=True)
-                if not data:
-                    break
-                size += len(data)
-                if size > limit:
-                    raise UpstreamError(
-                        f"provider {self.provider} sent an answer larger than the limit of "
-                        f"{self.settings.max_response_mb:g} MB (http_client.max_response_mb)",
-                        provider=self.provider, kind="too_large")
-                parts.append(data)
-        except STREAM_ERRORS as e:
-            response.close()
-            raise _broken_off(e, self.provider, "the answer broke off") from None
-        except UpstreamError:
-            response.close()
-            raise
-        response._content = self._scrub(b"".join(parts))  # what requests' .content would keep
-        response._content_consumed = True
-
-    def _iter_body(self, response: requests.Response):
-        """A streamed body's bytes as they arrive, and b"" every ``tick`` seconds of silence;
-        silence past the read timeout raises UpstreamTimeout."""
-        ready = _Readiness(response)
-        quiet_since = time.monotonic()  # real time: it measures a real socket's silence
-        try:
-            while True:
-                if not ready.wait(self._tick):
-                    if time.monotonic() - quiet_since >= self.timeout[1]:
-                        raise UpstreamTimeout(f"provider {self.provider}: no answer within the "
-                                              "read timeout", provider=self.provider,
-                                              kind="timeout")
-                    yield b""
-                    continue
-                data = response.raw.read1(CHUNK)
-                if not data:
-                    return
-                quiet_since = time.monotonic()
-                yield data
-        except STREAM_ERRORS as e:
-            raise _broken_off(e, self.provider, "the stream broke off") from None
-
-
-class _Readiness:
-    """Whether a read of a streamed body would wait, and a bounded wait until it would not.
-
-    A socket that polls empty can still have bytes buffered above it (in the BufferedReader
-    http.client reads through, or in TLS's decrypted buffer), and buffered bytes can still
-    leave a read waiting (a chunk's trailing CRLF without the next chunk's size line); both are
-    looked at here. Anything unexpected answers "ready": the read then blocks as it would have
-    without this, up to the socket's read timeout.
-    """
-
-    def __init__(self, response: requests.Response):
-        try:
-            self._http = response.raw._fp  # http.client.HTTPResponse: chunked framing state
-            self._reader = self._http.fp
-            self._sock = self._reader.raw._sock
-            self._poll = select.poll()
-            self._poll.register(self._sock, select.POLLIN | select.POLLPRI)
-        except (AttributeError, OSError, ValueError):
-            self._poll = None
-
-    def wait(self, seconds: float) -> bool:
-        if self._poll is None:
-            return True
-        try:
-            return self._buffered() or bool(self._poll.poll(seconds * 1000))
-        except Exception:  # a transport this does not know: read (and block) as before
-            return True
-
-    def _buffered(self) -> bool:
-        pending = getattr(self._sock, "pending", None)
-        if pending is not None and pending():
-            return True
-        timeout = self._sock.gettimeout()
-        self._sock.settimeout(0)  # peek must not block: it reads the socket when it has nothing
-        try:
-            peeked = self._reader.peek(1)
-        except (ssl.SSLWantReadError, BlockingIOError):
-            peeked = b""
-        finally:
-            self._sock.settimeout(timeout)
-        left = self._http.chunk_left if self._http.chunked else 1
-        if left:
-            return bool(peeked)
-        # At a chunk boundary a read needs the next size line whole (after the CRLF ending the
-        # previous chunk, when one was read).
-        return b"\n" in peeked[2 if left == 0 else 0:]
-
-
-def _broken_off(e: Exception, provider: str, what: str) -> UpstreamError:
-    timeout = isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
-    kind = UpstreamTimeout if timeout else UpstreamError
-    return kind(f"provider {provider}: {what}", provider=provider,
-                kind="timeout" if timeout else "connection")
-
-
-def read_body(response: requests.Response) -> bytes:
-    """The body ``HttpClient.post`` read (a whole answer, an error, or JSON for a stream)."""
-    return response.content
-
-
-def is_json(response: requests.Response) -> bool:
-    """Whether the upstream labelled its body JSON (not SSE, even where a stream was asked)."""
-    kind = response.headers.get("Content-Type", "")
-    return kind.split(";", 1)[0].strip().lower() == "application/json"
-
-
-def retry_after_seconds(value) -> float | None:
-    """Retry-After as seconds: a number or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _never_connected(e: requests.ConnectionError) -> bool:
-    reason = getattr(e.args[0], "reason", None) if e.args else None
-    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
 
 
 def _make_session(pool_size: int) -> requests.Session:

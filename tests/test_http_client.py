@@ -6,7 +6,8 @@ import pytest
 
 from app.errors import UpstreamError, UpstreamTimeout
 from app.gateway import RequestContext
-from app.http_client import HttpClient, retry_after_seconds
+from app.http_client import HttpClient
+from app.upstream import retry_after_seconds
 from settings import HttpClientSettings
 from tests.conftest import provider
 from tests.upstream import Hang, Reply, Reset
@@ -32,7 +33,7 @@ def test_refusals_are_retried_up_to_retry_attempts_with_exponential_backoff(upst
     client, sleeps = make_client(retry_attempts=3, backoff_base=0.1)
     context = ctx()
     response = client.post(upstream.url + "/v1/chat/completions", b"{}", {}, context)
-    assert response.status_code == status  # the last answer, for the adapter to judge
+    assert response.status == status  # the last answer, for the adapter to judge
     assert upstream.calls == 4 and context.attempts == 4
     assert sleeps == pytest.approx([0.1, 0.2, 0.4])
 
@@ -41,7 +42,7 @@ def test_a_retry_succeeds_when_the_provider_recovers(upstream):
     upstream.script(Reply(503, {}))
     client, _ = make_client()
     response = client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx())
-    assert response.status_code == 200 and upstream.calls == 2
+    assert response.status == 200 and upstream.calls == 2
 
 
 def test_retry_after_is_honoured_up_to_its_cap(upstream):
@@ -50,14 +51,14 @@ def test_retry_after_is_honoured_up_to_its_cap(upstream):
     client, sleeps = make_client(backoff_base=0.01, retry_after_max=5)
     response = client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
     assert sleeps == [2.0]  # the second asks for longer than the cap: no wait, hand back
-    assert response.status_code == 429 and upstream.calls == 2
+    assert response.status == 429 and upstream.calls == 2
 
 
 @pytest.mark.parametrize("status", [500, 400, 401])
 def test_other_statuses_are_not_retried(upstream, status):
     upstream.script(Reply(status, {}))
     client, sleeps = make_client()
-    assert client.post(upstream.url + "/v1/x", b"{}", {}, ctx()).status_code == status
+    assert client.post(upstream.url + "/v1/x", b"{}", {}, ctx()).status == status
     assert upstream.calls == 1 and sleeps == []
 
 
@@ -106,7 +107,7 @@ def test_cookies_from_an_upstream_are_never_sent_back(upstream):
 def test_connections_are_kept_alive_and_reused(upstream):
     client, _ = make_client()
     for _ in range(5):
-        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx()).content
+        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx()).body()
     assert len({r.client_port for r in upstream.requests}) == 1
 
 
@@ -132,6 +133,11 @@ def test_retry_after_parsing(value, seconds):
     assert retry_after_seconds(value) == seconds
 
 
+def test_a_retry_after_date_is_read_against_the_wall_clock_given():
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert retry_after_seconds(date, now=lambda: 1445412480.0 - 30) == 30.0
+
+
 def test_connections_idle_past_keepalive_expiry_are_replaced(upstream):
     now = [0.0]
     client = HttpClient("up", HttpClientSettings(keepalive_expiry=30), pool_size=4,
@@ -139,6 +145,6 @@ def test_connections_idle_past_keepalive_expiry_are_replaced(upstream):
     context = RequestContext(request_id="r", started=0.0, deadline=1e9)
     for step in (0, 10, 31):  # idle 10 s: kept; then idle 31 s: dropped
         now[0] += step
-        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, context).content
+        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, context).body()
     ports = [r.client_port for r in upstream.requests]
     assert ports[0] == ports[1] != ports[2]

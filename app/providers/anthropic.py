@@ -13,10 +13,8 @@ from urllib.parse import quote
 import orjson
 
 from app.errors import InvalidRequest, UpstreamError
-from app.http_client import is_json, read_body
 from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
-from app.providers.base import (ProviderAdapter, Reply, listed_models, parse_json, replayed,
-                                upstream_failure)
+from app.providers.base import ProviderAdapter, Reply, listed_models, parse_json, replayed
 from app.validation import MAX_DEPTH, nesting_depth, too_deep
 
 API_VERSION = "2023-06-01"
@@ -56,8 +54,7 @@ class AnthropicAdapter(ProviderAdapter):
 
     def send(self, call, model, ctx) -> Reply:
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
-        response = self._post(payload, ctx, stream=False)
-        answer = self._answer(call, read_body(response))
+        answer = self._answer(call, self._post(payload, ctx, stream=False).body())
         return Reply(orjson.dumps(answer), usage=answer.get("usage"))
 
     def stream(self, call, model, ctx):
@@ -65,12 +62,12 @@ class AnthropicAdapter(ProviderAdapter):
         # first event, so the gateway can still fall back to another provider.
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=True)
         response = self._post(payload, ctx, stream=True)
-        if is_json(response):  # a whole message where a stream was asked: replay it as one
-            return replayed(call, self._answer(call, read_body(response)), self.name)
+        if response.is_json:  # a whole message where a stream was asked: replay it as one
+            return replayed(call, self._answer(call, response.body()), self.name)
         options = call.body.get("stream_options") or {}
         translator = StreamTranslator(call.endpoint, int(self._clock()), self.name,
                                       include_usage=options.get("include_usage") is True)
-        return relay(self.http.events(response, ctx), response, translator, self.name)
+        return relay(response, translator, self.name)
 
     def _answer(self, call, body: bytes) -> dict:
         """The OpenAI answer for a whole Messages API message."""
@@ -91,12 +88,9 @@ class AnthropicAdapter(ProviderAdapter):
     def _post(self, payload: bytes, ctx, *, stream):
         headers = {**self._headers, "X-Request-ID": ctx.request_id}
         response = self.http.post(self._url, payload, headers, ctx, stream=stream)
-        if not 200 <= response.status_code < 300:
-            try:
-                raise upstream_failure(response, self.name, translate_error=openai_error,
-                                       key_hint=self.key_hint(response.status_code))
-            finally:
-                response.close()
+        if not response.ok:
+            raise response.failure(translate_error=openai_error,
+                                   key_hint=self.key_hint(response.status))
         return response
 
 

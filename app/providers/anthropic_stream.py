@@ -31,11 +31,12 @@ def usage(anthropic_usage) -> dict:
     return result
 
 
-def relay(events, response, translator, provider: str):
-    """OpenAI SSE events for the Anthropic ``events`` of ``response``, closed at the end;
-    ``KEEPALIVE`` for whatever gives the client nothing (pings, quiet), so the gateway decides."""
+def relay(response, translator, provider: str):
+    """OpenAI SSE events for the Anthropic events of an ``UpstreamResponse``, closed at the
+    end; ``KEEPALIVE`` for whatever gives the client nothing (pings, quiet), so the gateway
+    decides."""
     try:
-        for event in events:
+        for event in response.events():
             data = event_field(event, b"data") if event is not KEEPALIVE else None
             if data is None:
                 yield KEEPALIVE  # comments, keep-alives, quiet

@@ -7,12 +7,10 @@ from datetime import datetime
 
 import orjson
 
-from app.errors import UpstreamClientError, UpstreamError
-from app.http_client import read_body, retry_after_seconds
+from app.errors import UpstreamError
 from app.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
-PROVIDER_4XX = frozenset((401, 403, 408, 429))  # another provider may well serve the client
 KEY_REFUSED = frozenset((401, 403))
 MAX_LISTED_MODELS = 10000  # a model list past this is cut: a real one holds a few hundred
 MAX_MODEL_ID = 256  # characters; a longer id is no model name
@@ -95,39 +93,6 @@ class ProviderAdapter:
         if not missing or status not in KEY_REFUSED:
             return ""
         return f" (its key variable {missing} is unset)"
-
-
-def upstream_failure(response, provider: str, translate_error=None, *, key_hint=""):
-    """The error for a non-2xx upstream answer: the client's own 4xx, or a provider failure
-    (anything else: 5xx, a status no HTTP server should send such as 1xx or 999, and the 4xx
-    that say more about the provider than the client: 401/403, our key is bad; 408 and 429).
-    ``key_hint`` (from ``ProviderAdapter.key_hint``) follows the status in the message."""
-    status = response.status_code
-    body = read_body(response)
-    if not 400 <= status < 500 or status in PROVIDER_4XX:
-        return UpstreamError(
-            f"provider {provider} answered HTTP {status}{key_hint}", provider=provider,
-            upstream_status=status, kind="status",
-            retry_after=retry_after_seconds(response.headers.get("Retry-After")))
-    message, error_body = _client_error(body, status, translate_error)
-    return UpstreamClientError(message, status=status, body=error_body, provider=provider)
-
-
-def _client_error(body: bytes, status: int, translate_error):
-    """The upstream's own error message, re-shaped as an OpenAI error when it is not one."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    if translate_error is not None and isinstance(data, dict):
-        data = translate_error(data)
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"], orjson.dumps({"error": {
-            "message": error["message"], "type": error.get("type") or "invalid_request_error",
-            "param": error.get("param"), "code": error.get("code")}})
-    message = f"the provider refused the request (HTTP {status})"
-    return message, None
 
 
 def listed_models(page: dict) -> dict[str, int]:

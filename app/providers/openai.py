@@ -5,9 +5,7 @@ from __future__ import annotations
 import orjson
 
 from app.errors import UpstreamError
-from app.http_client import is_json, read_body
-from app.providers.base import (ProviderAdapter, Reply, listed_models, parse_json, replayed,
-                                upstream_failure)
+from app.providers.base import ProviderAdapter, Reply, listed_models, parse_json, replayed
 from app.sse import DONE, KEEPALIVE, event_field
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -45,35 +43,30 @@ class OpenAIAdapter(ProviderAdapter):
         return orjson.dumps({**call.body, "model": model})
 
     def send(self, call, model, ctx) -> Reply:
-        response = self._post(call, model, ctx, stream=False)
-        body = read_body(response)
+        body = self._post(call, model, ctx, stream=False).body()
         answer = parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
         usage = answer.get("usage") if isinstance(answer, dict) else None
         return Reply(body, usage=usage if isinstance(usage, dict) else None)
 
     def stream(self, call, model, ctx):
         response = self._post(call, model, ctx, stream=True)
-        if is_json(response):  # a whole answer where a stream was asked: replay it as one
-            return replayed(call, parse_json(read_body(response), self.name), self.name)
-        return self._relay(response, ctx)
+        if response.is_json:  # a whole answer where a stream was asked: replay it as one
+            return replayed(call, parse_json(response.body(), self.name), self.name)
+        return self._relay(response)
 
     def _post(self, call, model, ctx, *, stream):
         headers = {**self._headers, "X-Request-ID": ctx.request_id}
         response = self.http.post(self.url(call.endpoint, model), self.payload(call, model),
                                   headers, ctx, stream=stream)
-        if not 200 <= response.status_code < 300:
-            try:
-                raise upstream_failure(response, self.name,
-                                       key_hint=self.key_hint(response.status_code))
-            finally:
-                response.close()
+        if not response.ok:
+            raise response.failure(key_hint=self.key_hint(response.status))
         return response
 
-    def _relay(self, response, ctx):
+    def _relay(self, response):
         """The upstream's SSE events re-emitted one by one until ``[DONE]``."""
         finished = started = False
         try:
-            for event in self.http.events(response, ctx):
+            for event in response.events():
                 data = event_field(event, b"data") if event is not KEEPALIVE else None
                 if data is None:
                     yield KEEPALIVE  # comments, keep-alives, quiet: the gateway decides
