@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
+import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import yaml
@@ -202,22 +205,182 @@ class AuthSettings:
 
     def validate(self, path):
         _check(self.window > 0, f"{path}.window", "must be positive")
-        for name in ("requests_per_minute", "tokens_per_minute", "max_in_flight"):
+        for name in LIMIT_FIELDS:
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be 0 (no limit) or more")
         try:
-            self.key_store()
+            self.client_keys()
         except ValueError as e:
             raise SettingsError(str(e), path) from None
 
-    def key_store(self):
-        """The client keys, hashed; ValueError naming a bad entry."""
-        from app.auth import KeyStore
-
+    def client_keys(self) -> ClientKeys:
+        """The client keys, checked and hashed (``app.auth.KeyStore`` serves them); ValueError
+        naming a bad entry."""
         defaults = {"models": self.models, "requests_per_minute": self.requests_per_minute,
                     "tokens_per_minute": self.tokens_per_minute,
                     "max_in_flight": self.max_in_flight}
-        return KeyStore.from_config(self.api_keys, self.env_keys,
-                                    required=self.api_keys_required, defaults=defaults)
+        return parse_client_keys(self.api_keys, self.env_keys, required=self.api_keys_required,
+                                 defaults=defaults)
+
+
+# -- client API keys: read and checked here, so that a bad one stops start-up -----------------
+
+ANONYMOUS = "anonymous"  # the id requests without a key run as: no configured key may take it
+MIN_PLAIN_KEY_LENGTH = 16
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_in_flight")
+ENTRY_FIELDS = {"id", "sha256", "models", *LIMIT_FIELDS}
+DEFAULT_FIELDS = {"models", *LIMIT_FIELDS}
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One configured key: its id, the SHA-256 of the key (hex), and its resolved limits.
+
+    The digest is left out of the repr: it is not the secret, but it has no business in logs.
+    """
+
+    id: str
+    sha256: str = field(repr=False)
+    models: tuple[str, ...] = ()
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """Every configured key, and the limits of a request without one (``anonymous``: a record
+    with no digest, whose fields are the defaults)."""
+
+    records: tuple[KeyRecord, ...]
+    anonymous: KeyRecord
+    required: bool
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+
+def parse_client_keys(entries: list | None, env_value: str | None, *, required: bool,
+                      defaults: Mapping | None = None,
+                      env_name: str = "PROXY_API_KEYS") -> ClientKeys:
+    """The keys from the YAML entries and the environment string, with the default limits.
+
+    ``entries``: mappings with ``id``, ``sha256`` (64 hex characters) and optionally
+    ``models``, ``requests_per_minute``, ``tokens_per_minute``, ``max_in_flight``.
+    ``env_value``: ``"id1:key1,id2:key2"`` (see ``parse_env_keys``); these keys get the
+    defaults. ``defaults``: the same limit fields and ``models``; they apply to the anonymous
+    tenant and to every key that leaves a field out (or sets it to null). A limit of 0 is
+    unlimited even where the default is not. Raises ValueError naming the bad entry.
+    """
+    base = _key_defaults(defaults or {})
+    records: list[KeyRecord] = []
+    for i, entry in enumerate(entries or []):
+        records.append(_key_record(entry, f"api_keys[{i}]", base))
+    for key_id, key in parse_env_keys(env_value or "", env_name):
+        records.append(KeyRecord(key_id, hash_key(key), *base))
+    ids, digests = set(), {}
+    for record in records:
+        where = f"API key {record.id!r}"
+        if record.id == ANONYMOUS:
+            raise ValueError(f"{where}: the id {ANONYMOUS!r} is reserved")
+        if record.id in ids:
+            raise ValueError(f"{where}: the id is used twice")
+        if record.sha256 in digests:
+            raise ValueError(f"{where}: the same key is also configured as "
+                             f"{digests[record.sha256]!r}")
+        ids.add(record.id)
+        digests[record.sha256] = record.id
+    if required and not records:
+        raise ValueError(f"API keys are required but none is configured "
+                         f"(api_keys in the config file or {env_name})")
+    return ClientKeys(tuple(records), KeyRecord(ANONYMOUS, "", *base), required)
+
+
+def parse_env_keys(value: str, env_name: str = "PROXY_API_KEYS") -> list[tuple[str, str]]:
+    """``"id1:key1,id2:key2"`` as (id, key) pairs.
+
+    Items are separated by commas, and each is ``id:key`` split at its first colon (the key may
+    contain colons, not commas). Spaces around items, ids and keys are ignored, and so are
+    empty items. Errors name the item by position and id, never by its text.
+    """
+    out = []
+    for n, item in enumerate(value.split(","), 1):
+        item = item.strip()
+        if not item:
+            continue
+        label = f"{env_name} item {n}"
+        key_id, sep, key = item.partition(":")
+        key_id, key = key_id.strip(), key.strip()
+        if not sep:
+            raise ValueError(f"{label}: must be id:key")
+        check_key_id(key_id, label)
+        label = f"{label} (id {key_id!r})"
+        if len(key) < MIN_PLAIN_KEY_LENGTH:
+            raise ValueError(f"{label}: the key must be at least {MIN_PLAIN_KEY_LENGTH} "
+                             f"characters (python -m app.auth new-key makes one)")
+        out.append((key_id, key))
+    return out
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 of a key, as the lowercase hex that goes in the config file."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_key_id(key_id, label):
+    """ValueError, starting with ``label``, unless ``key_id`` is a valid key id."""
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise ValueError(f"{label}: id must be 1-64 letters, digits, '.', '_' or '-', "
+                         f"starting with a letter or digit")
+
+
+def _key_record(entry, label, base) -> KeyRecord:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{label}: must be a mapping with id and sha256")
+    key_id = entry.get("id")
+    check_key_id(key_id, label)
+    label = f"{label} (id {key_id!r})"
+    unknown = sorted(set(map(str, entry)) - ENTRY_FIELDS)
+    if unknown:
+        raise ValueError(f"{label}: unknown field {unknown[0]!r}"
+                         + (" (configure the key's sha256, not the key)"
+                            if unknown[0] in ("key", "api_key") else ""))
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest.strip()):
+        raise ValueError(f"{label}: sha256 must be 64 hex characters "
+                         f"(python -m app.auth new-key prints one)")
+    models, *limits = _key_limits(entry, label, base)
+    return KeyRecord(key_id, digest.strip().lower(), models, *limits)
+
+
+def _key_defaults(defaults: Mapping) -> tuple:
+    unknown = sorted(set(map(str, defaults)) - DEFAULT_FIELDS)
+    if unknown:
+        raise ValueError(f"default limits: unknown field {unknown[0]!r}")
+    return _key_limits(defaults, "default limits", ((), None, None, None))
+
+
+def _key_limits(entry: Mapping, label: str, base: tuple) -> tuple:
+    """(models, requests_per_minute, tokens_per_minute, max_in_flight); absent/None: ``base``."""
+    models = entry.get("models")
+    if models is None:
+        models = base[0]
+    elif not isinstance(models, (list, tuple)) or not all(
+            isinstance(m, str) and m.strip() for m in models):
+        raise ValueError(f"{label}: models must be a list of model names or glob patterns")
+    out = [tuple(m.strip() for m in models)]
+    for name, default in zip(LIMIT_FIELDS, base[1:]):
+        value = entry.get(name)
+        if value is None:
+            out.append(default)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label}: {name} must be a whole number, 0 or more "
+                             f"(0: unlimited), got {value!r}")
+        out.append(value or None)
+    return tuple(out)
 
 
 @dataclass

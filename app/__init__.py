@@ -20,6 +20,7 @@ class LLMProxy:
 
     def __init__(self, settings: Settings, *, clock=time.monotonic):
         from app.access_log import AccessLog
+        from app.auth import KeyStore
         from app.breakers import BreakerBoard
         from app.bulkhead import Bulkhead
         from app.cache import Coalescer, build_caches
@@ -84,7 +85,7 @@ class LLMProxy:
             sample_interval=m.sample_interval, enable_gc_tuning=m.enable_gc_tuning,
             gc_thresholds=tuple(m.gc_thresholds), leak_detection_enabled=m.leak_detection_enabled,
             leak_snapshots=m.leak_snapshots, clock=clock)
-        self.keys = settings.auth.key_store()
+        self.keys = KeyStore.from_keys(settings.auth.client_keys())
         if self.shared:  # buckets shared across machines need wall-clock time
             self.limiter = RateLimiter(self.shared.limit_store(), clock=time.time,
                                        window=settings.auth.window)

@@ -13,8 +13,6 @@ import threading
 
 import orjson
 
-FORMATS = ("json", "text")
-
 
 class AccessLog:
     def __init__(self, *, enabled=True, fmt="json", stream=None):

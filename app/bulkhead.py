@@ -11,13 +11,11 @@ class Bulkhead:
     def __init__(self, limit: int):
         self.limit = limit
         self.in_flight = 0
-        self.rejected = 0
         self._lock = threading.Lock()
 
     def try_acquire(self) -> bool:
         with self._lock:
             if self.in_flight >= self.limit:
-                self.rejected += 1
                 return False
             self.in_flight += 1
             return True

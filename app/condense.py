@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import orjson
 
-from app.errors import ProxyError, UpstreamClientError, UpstreamError
+from app.errors import ProxyError, SummaryFailed, UpstreamClientError
 
 # The token estimate (see `Condenser.estimate_tokens`).
 CHARS_PER_TOKEN = 4
@@ -38,11 +38,6 @@ SUMMARY_INSTRUCTION = (
     "not answer or continue the conversation, and do not address the user. Write in the "
     "language of the conversation. Output only the summary."
 )
-
-
-class SummaryFailed(UpstreamError):
-    """The summarizing model answered, but with no usable summary text."""
-    code = "summary_failed"
 
 
 class Condenser:

@@ -36,9 +36,42 @@ class ModelNotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class NotFound(ProxyError):
+    """The path names a thing the proxy does not have or has turned off (a provider, a cache)."""
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
 class PayloadTooLarge(ProxyError):
     """The request body is larger than the configured limit."""
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class AuthError(ProxyError):
+    """The request carries no API key where one is required, or a key the proxy does not know."""
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+    def __init__(self, message, *, code="invalid_api_key"):
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ModelForbidden(ProxyError):
+    """The client's key may not use the requested model."""
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class RateLimited(ProxyError):
+    """The key is over one of its limits (requests, tokens, or requests in flight)."""
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class AdminRefused(ProxyError):
+    """The admin key is missing or wrong."""
+    status, type, code = 401, "authentication_error", "invalid_admin_key"
+
+
+class AdminDisabled(ProxyError):
+    """No admin key is configured, so the debug routes are off."""
+    status, type, code = 403, "permission_error", "admin_disabled"
 
 
 class NoProviderAvailable(ProxyError):
@@ -63,6 +96,11 @@ class UpstreamError(ProxyError):
 class UpstreamTimeout(UpstreamError):
     """A provider did not answer within the read timeout or the request deadline."""
     status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+class SummaryFailed(UpstreamError):
+    """The summarizing model answered, but with no usable summary text."""
+    code = "summary_failed"
 
 
 class UpstreamClientError(ProxyError):

@@ -221,7 +221,6 @@ class StreamRelay:
 
     def __init__(self, first, events, ctx, on_end, orphans, clock=time.monotonic,
                  keepalive_interval=0.0):
-        self._events = events
         self._on_end = on_end
         self._orphans = orphans
         self._result = [NEUTRAL]  # written by the generator

@@ -37,18 +37,13 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol
 
 from app.auth import Tenant
-from app.errors import ProxyError
+from app.errors import RateLimited
 
 REQUESTS = "requests"
 TOKENS = "tokens"
 
 _HEADER_SUFFIX = {REQUESTS: "", TOKENS: "-Tokens"}
-_US = 1_000_000  # the store's time unit: microseconds
-
-
-class RateLimited(ProxyError):
-    """The key is over one of its limits (requests, tokens, or requests in flight)."""
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+MICROSECONDS = 1_000_000  # per second: the stores keep time in whole microseconds
 
 
 class Take(NamedTuple):
@@ -100,9 +95,9 @@ class MemoryLimitStore:
         return len(self._buckets) + len(self._in_flight)
 
     def take(self, key, *, limit, window, burst, cost, need, now) -> Take:
-        unit = round(window * _US)            # credit per unit; refill is `limit` per µs
+        unit = round(window * MICROSECONDS)  # credit per unit; refill is `limit` per µs
         full = burst * unit
-        t = round(now * _US)
+        t = round(now * MICROSECONDS)
         with self._lock:
             self._sweep(t)
             credit, updated, _ = self._buckets.get(key, (full, t, t))
@@ -117,7 +112,7 @@ class MemoryLimitStore:
             else:
                 self._buckets.pop(key, None)
         retry_us = 0 if allowed else -(-(need * unit - credit) // limit)
-        return Take(allowed, credit / unit, retry_us / _US, reset_us / _US)
+        return Take(allowed, credit / unit, retry_us / MICROSECONDS, reset_us / MICROSECONDS)
 
     def enter(self, key, limit) -> tuple[bool, int]:
         with self._lock:
@@ -137,10 +132,10 @@ class MemoryLimitStore:
 
     def _sweep(self, t):
         if self._next_sweep is None:
-            self._next_sweep = t + round(self.sweep_interval * _US)
+            self._next_sweep = t + round(self.sweep_interval * MICROSECONDS)
         elif t >= self._next_sweep:
             self._buckets = {k: e for k, e in self._buckets.items() if e[2] > t}
-            self._next_sweep = t + round(self.sweep_interval * _US)
+            self._next_sweep = t + round(self.sweep_interval * MICROSECONDS)
 
 
 @dataclass(frozen=True)

@@ -91,17 +91,20 @@ class MemoryManager:
         gc_module=gc,
         object_counter: Callable[[], dict[str, int]] | None = None,
     ):
-        _check(memory_threshold_mb > 0, "memory_threshold_mb must be positive")
-        _check(emergency_threshold_mb >= memory_threshold_mb,
-               "emergency_threshold_mb must be at least memory_threshold_mb")
-        _check(cleanup_interval > 0 and sample_interval > 0, "intervals must be positive")
-        _check(pressure_cooldown >= 0, "pressure_cooldown must not be negative")
-        _check(0.0 <= emergency_shrink <= 1.0, "emergency_shrink must be between 0 and 1")
-        _check(len(gc_thresholds) == 3 and all(t >= 0 for t in gc_thresholds),
-               "gc_thresholds must be three non-negative integers")
-        _check(leak_snapshots >= 2, "leak_snapshots must be at least 2")
-        _check(leak_tolerance_mb >= 0 and leak_min_growth >= 0 and leak_growth_ratio >= 0,
-               "leak tolerances must not be negative")
+        for ok, problem in (
+                (memory_threshold_mb > 0, "memory_threshold_mb must be positive"),
+                (emergency_threshold_mb >= memory_threshold_mb,
+                 "emergency_threshold_mb must be at least memory_threshold_mb"),
+                (cleanup_interval > 0 and sample_interval > 0, "intervals must be positive"),
+                (pressure_cooldown >= 0, "pressure_cooldown must not be negative"),
+                (0.0 <= emergency_shrink <= 1.0, "emergency_shrink must be between 0 and 1"),
+                (len(gc_thresholds) == 3 and all(t >= 0 for t in gc_thresholds),
+                 "gc_thresholds must be three non-negative integers"),
+                (leak_snapshots >= 2, "leak_snapshots must be at least 2"),
+                (leak_tolerance_mb >= 0 and leak_min_growth >= 0 and leak_growth_ratio >= 0,
+                 "leak tolerances must not be negative")):
+            if not ok:
+                raise ValueError(problem)
         self.caches = caches
         self.memory_threshold_mb = memory_threshold_mb
         self.emergency_threshold_mb = emergency_threshold_mb
@@ -488,8 +491,3 @@ def _safe(reader: Callable[[], object], what: str):
 
 def _mb(n: int | float | None) -> float | None:
     return None if n is None else round(n / MB, 3)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

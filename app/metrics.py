@@ -195,7 +195,7 @@ class _StateCollector:
         yield from (state, threshold, success, in_flight)
         yield GaugeMetricFamily("llm_proxy_requests_in_flight", "Requests being served",
                                 value=p.admission.in_flight)
-        memory = p.memory.stats() if p.memory is not None else None
+        memory = p.memory.stats()
         yield GaugeMetricFamily("llm_proxy_process_rss_bytes", "Resident memory of the process",
                                 value=_rss_bytes(memory))
         collections = CounterMetricFamily("llm_proxy_gc_collections",
@@ -212,10 +212,9 @@ class _StateCollector:
             yield CounterMetricFamily("llm_proxy_redis_fallbacks",
                                       "Operations served locally because Redis was away",
                                       value=redis["fallbacks"])
-        if memory is not None:
-            yield GaugeMetricFamily("llm_proxy_memory_pressure",
-                                    "Memory pressure: 0 normal, 1 high, 2 critical",
-                                    value=PRESSURE_LEVELS.get(memory.get("pressure"), 0))
+        yield GaugeMetricFamily("llm_proxy_memory_pressure",
+                                "Memory pressure: 0 normal, 1 high, 2 critical",
+                                value=PRESSURE_LEVELS.get(memory.get("pressure"), 0))
 
 
 class _SupervisorCollector:
@@ -256,7 +255,7 @@ def json_view(llm_proxy) -> dict:
     p = llm_proxy
     with_http = [a for a in p.providers if a.http is not None]
     caches = p.caches.stats()
-    memory = p.memory.stats() if p.memory is not None else {}
+    memory = p.memory.stats()
     return {
         "system": {"version": p.settings.version, "uptime": round(time.time() - p.started_at, 1),
                    "pid": os.getpid(), "threads": threading.active_count(),

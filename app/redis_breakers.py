@@ -9,7 +9,7 @@ from typing import Callable
 
 import pybreaker
 
-from app.redis_store import _LOCAL, PREFIX, RedisGuard, _locally
+from app.redis_store import LOCAL, PREFIX, RedisGuard, locally
 
 
 class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
@@ -42,7 +42,7 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
             pipe.setnx(self._namespace("success_counter"), 0)
             pipe.setnx(self._namespace("state"), state)
             pipe.execute()
-        self._guard.run(init, _locally)
+        self._guard.run(init, locally)
 
     @property
     def state(self) -> str:
@@ -97,16 +97,16 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         self._guard.run(lambda c: c.eval(
             "local v = redis.call('GET', KEYS[1]) "
             "if not v or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end",
-            1, self._namespace("opened_at"), stamp), _locally)
+            1, self._namespace("opened_at"), stamp), locally)
 
     def _remote(self, name, read):
         now = self._clock()
         with self._lock:
             if now < self._fresh_until.get(name, 0.0):
                 return self._local[name]
-        value = self._guard.run(read, _locally)
+        value = self._guard.run(read, locally)
         with self._lock:
-            if value is _LOCAL:
+            if value is LOCAL:
                 return self._local[name]
             self._local[name] = value
             self._fresh_until[name] = now + self._max_age
@@ -116,12 +116,12 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         with self._lock:
             self._local[name] = value
             self._fresh_until[name] = self._clock() + self._max_age
-        self._guard.run(write, _locally)
+        self._guard.run(write, locally)
 
     def _bump(self, name):
-        value = self._guard.run(lambda c: c.incr(self._namespace(name)), _locally)
+        value = self._guard.run(lambda c: c.incr(self._namespace(name)), locally)
         with self._lock:
-            self._local[name] = self._local[name] + 1 if value is _LOCAL else int(value)
+            self._local[name] = self._local[name] + 1 if value is LOCAL else int(value)
             self._fresh_until[name] = self._clock() + self._max_age
 
 

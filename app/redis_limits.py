@@ -11,8 +11,8 @@ from typing import Callable
 
 from redis.exceptions import NoScriptError
 
-from app.limits import _US, MemoryLimitStore, Take
-from app.redis_store import _LOCAL, PREFIX, RedisGuard, _locally
+from app.limits import MICROSECONDS, MemoryLimitStore, Take
+from app.redis_store import LOCAL, PREFIX, RedisGuard, locally
 
 # One decision, atomically: the bucket refilled to `t`, `cost` units spent if `need` are there
 # (need < 0: always), written back with an expiry at the time it would be full (no key = full).
@@ -118,16 +118,16 @@ class RedisLimitStore:
         self._owner = f"{os.getpid()}:{id(self):x}"
 
     def take(self, key, *, limit, window, burst, cost, need, now) -> Take:
-        unit = round(window * _US)
+        unit = round(window * MICROSECONDS)
         full = burst * unit
-        t = round(now * _US)
+        t = round(now * MICROSECONDS)
         args = (limit, unit, full, t, cost, -1 if need is None else need)
-        out = self.guard.run(lambda c: self._take(c, [self.prefix + key], args), _locally)
-        if out is _LOCAL:
+        out = self.guard.run(lambda c: self._take(c, [self.prefix + key], args), locally)
+        if out is LOCAL:
             return self.local.take(key, limit=limit, window=window, burst=burst, cost=cost,
                                    need=need, now=now)
         allowed, credit, retry_us, reset_us = int(out[0]), int(out[1]), int(out[2]), int(out[3])
-        return Take(bool(allowed), credit / unit, retry_us / _US, reset_us / _US)
+        return Take(bool(allowed), credit / unit, retry_us / MICROSECONDS, reset_us / MICROSECONDS)
 
     def enter(self, key, limit) -> tuple[bool, int]:
         with self._lock:
@@ -136,8 +136,8 @@ class RedisLimitStore:
         now_ms = int(self._clock() * 1000)
         args = (now_ms, limit, self.lease_ms, member)
         out = self.guard.run(
-            lambda c: self._enter(c, [f"{self.prefix}{key}"], args), _locally)
-        if out is _LOCAL:
+            lambda c: self._enter(c, [f"{self.prefix}{key}"], args), locally)
+        if out is LOCAL:
             allowed, held = self.local.enter(key, limit)
             member = None
         else:
@@ -158,7 +158,7 @@ class RedisLimitStore:
         if member is None:
             self.local.leave(key)
         else:  # if Redis is down now, the lease expires on its own
-            self.guard.run(lambda c: c.zrem(f"{self.prefix}{key}", member), _locally)
+            self.guard.run(lambda c: c.zrem(f"{self.prefix}{key}", member), locally)
 
     def __len__(self) -> int:
         return len(self.local)

@@ -52,11 +52,12 @@ def connect(url: str, *, pool_size: int, clock: Callable[[], float] = time.monot
     return client, guard
 
 
-_LOCAL = object()  # what a guarded call returns when it was served by the fallback
+LOCAL = object()  # what a guarded call returns when it was served by the fallback
 
 
-def _locally():
-    return _LOCAL
+def locally():
+    """The fallback of a guarded call whose caller serves it from its local store: ``LOCAL``."""
+    return LOCAL
 
 
 class RedisGuard:
@@ -66,8 +67,9 @@ class RedisGuard:
     the breaker is open or the call fails (any ``RedisError`` or ``OSError``). The breaker is a
     ``ProviderBreaker`` (consecutive failures only, one half-open trial): ``failure_threshold``
     failures in a row open it for ``recovery_timeout`` seconds of ``clock``. A call that
-    succeeds but takes longer than ``timeout`` seconds counts as a failure too (its result is
-    still used), so a Redis that answers but slowly is also left alone; None turns that off.
+    succeeds but takes longer than ``timeout`` seconds (of ``clock`` too) counts as a failure
+    (its result is still used), so a Redis that answers but slowly is also left alone; None
+    turns that off.
     """
 
     def __init__(self, client, *, clock: Callable[[], float] = time.monotonic,
@@ -75,6 +77,7 @@ class RedisGuard:
                  timeout: float | None = 0.05):
         self.client = client
         self.timeout = timeout
+        self._clock = clock
         self._breaker = ProviderBreaker(
             "redis", failure_threshold=failure_threshold, recovery_timeout=recovery_timeout,
             success_threshold=1, adaptive=False, clock=clock)
@@ -87,7 +90,7 @@ class RedisGuard:
         if not self._breaker.allow():
             self._count("fallbacks")
             return fallback()
-        started = time.perf_counter()
+        started = self._clock()
         try:
             result = op(self.client)
         except (RedisError, OSError) as e:
@@ -98,7 +101,7 @@ class RedisGuard:
         except BaseException:
             self._breaker.release()
             raise
-        if self.timeout is not None and time.perf_counter() - started > self.timeout:
+        if self.timeout is not None and self._clock() - started > self.timeout:
             self._breaker.record_failure()
             self._count("slow")
         else:
@@ -232,8 +235,8 @@ class RedisByteCache:
 
     def get(self, key: str, max_age: float | None = None) -> Entry | None:
         """The fresh entry for key, or None (a miss). ``max_age`` also rejects older entries."""
-        found = self.guard.run(lambda c: c.get(self.prefix + key), _locally)
-        if found is _LOCAL:
+        found = self.guard.run(lambda c: c.get(self.prefix + key), locally)
+        if found is LOCAL:
             self._count("fallbacks")
             entry = self.local.get(key, max_age)
         else:
@@ -245,8 +248,8 @@ class RedisByteCache:
 
     def get_stale(self, key: str) -> Entry | None:
         """The entry for key if held at all, fresh or within the stale window; not a hit."""
-        found = self.guard.run(lambda c: c.get(self.prefix + key), _locally)
-        if found is _LOCAL:
+        found = self.guard.run(lambda c: c.get(self.prefix + key), locally)
+        if found is LOCAL:
             self._count("fallbacks")
             entry = self.local.get_stale(key)
         else:
@@ -267,23 +270,23 @@ class RedisByteCache:
             self.delete(key)
             return False
         data = pack(value, self._clock())
-        done = self.guard.run(lambda c: c.set(self.prefix + key, data, px=self._px), _locally)
-        if done is _LOCAL:
+        done = self.guard.run(lambda c: c.set(self.prefix + key, data, px=self._px), locally)
+        if done is LOCAL:
             self._count("fallbacks")
             return self.local.set(key, value)
         return True
 
     def delete(self, key: str) -> bool:
         """Remove key from Redis and from the local store; True if either held it."""
-        removed = self.guard.run(lambda c: c.delete(self.prefix + key) > 0, _locally)
-        if removed is _LOCAL:
+        removed = self.guard.run(lambda c: c.delete(self.prefix + key) > 0, locally)
+        if removed is LOCAL:
             self._count("fallbacks")
             removed = False
         return self.local.delete(key) or removed
 
     def clear(self) -> None:
         """Drop every entry of this cache, in Redis (for every process) and locally."""
-        self.guard.run(self._clear_redis, _locally)
+        self.guard.run(self._clear_redis, locally)
         self.local.clear()
         with self._lock:
             self._entries = None
@@ -359,8 +362,8 @@ class RedisByteCache:
             cached = self._entries
         if cached is not None and now - cached[0] < self.count_interval:
             return cached[1], cached[2]
-        counted = self.guard.run(self._scan_count, _locally)
-        if counted is _LOCAL:
+        counted = self.guard.run(self._scan_count, locally)
+        if counted is LOCAL:
             return (cached[1], cached[2]) if cached is not None else None
         with self._lock:
             self._entries = (now, *counted)

@@ -48,7 +48,7 @@ from waitress.task import ErrorTask
 from waitress.utilities import Error
 
 from app.auth import presented_key
-from app.errors import InvalidRequest, PayloadTooLarge, ProxyError
+from app.errors import AdminDisabled, AdminRefused, InvalidRequest, PayloadTooLarge, ProxyError
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -220,8 +220,6 @@ class HeaderGate:
 
     def _key_refusal(self, headers, path: str) -> Refusal | None:
         """The app's own key check, from the headers alone: the refusal it would make."""
-        from app.api.admin import AdminDisabled, AdminRefused
-
         try:
             if path != "/debug" and not path.startswith("/debug/"):
                 self.keys.authenticate(headers)

@@ -12,8 +12,9 @@ import pytest
 from flask import Flask, jsonify, request
 
 from app.api import error_response
-from app.auth import AuthError, KeyRecord, KeyStore, ModelForbidden, Tenant, hash_key
-from app.errors import ProxyError
+from app.auth import KeyRecord, KeyStore, Tenant, hash_key
+from app.errors import AuthError, ModelForbidden, ProxyError
+from settings import parse_client_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_A = "sk-proxy-aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -26,7 +27,8 @@ def entry(key_id="team-a", key=KEY_A, **fields):
 
 
 def store(entries=(), env=None, *, required=True, defaults=None):
-    return KeyStore.from_config(list(entries), env, required=required, defaults=defaults)
+    return KeyStore.from_keys(parse_client_keys(list(entries), env, required=required,
+                                                defaults=defaults))
 
 
 def bearer(key):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from app.auth import ENTRY_FIELDS
+from settings import ENTRY_FIELDS
 from settings import ENV_VARS, NOT_IN_FILE, PRODUCTION_PROFILE, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -96,7 +96,7 @@ def test_the_example_loads_as_it_is():
 def test_the_example_in_production_leaves_the_production_profile_in_force():
     s = load_settings(environ={"ENVIRONMENT": "production", "PROXY_API_KEYS": CLIENT_KEYS},
                       config_path=str(EXAMPLE))
-    assert s.environment == "production" and "ops" in s.auth.key_store().ids
+    assert s.environment == "production" and "ops" in s.auth.client_keys().ids
     profile = PRODUCTION_PROFILE
     assert s.log_level == profile["log_level"]
     assert (s.server.host, s.server.threads, s.server.connection_limit) == (

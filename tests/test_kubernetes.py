@@ -230,7 +230,7 @@ def test_checkov_passes_with_only_the_justified_skips(checkov_reports):
 def test_configmap_config_loads_with_the_deployments_environment(config_file):
     settings = deployed_settings(config_file)
     assert settings.environment == "production"
-    assert settings.auth.api_keys_required and settings.auth.key_store()  # PROXY_API_KEYS
+    assert settings.auth.api_keys_required and settings.auth.client_keys()  # PROXY_API_KEYS
     assert settings.redis.url == ("redis://:replace-me-with-openssl-rand-hex-32"
                                   "@llm-proxy-redis:6379/0")
     assert [(p.name, p.type, p.api_key_env) for p in settings.providers] == [
@@ -255,7 +255,7 @@ def test_the_proxy_starts_with_only_the_required_secret_keys(config_file):
     secrets = {k: v for k, v in secret_values().items() if k in required}
     env = pod_environment(container(proxy_deployment()), secrets)
     settings = load_settings(environ=env, config_path=str(config_file))
-    assert settings.admin_api_key == "" and settings.auth.key_store()
+    assert settings.admin_api_key == "" and settings.auth.client_keys()
 
 
 def test_every_variable_the_deployment_sets_is_read_by_the_proxy():

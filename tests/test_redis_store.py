@@ -313,7 +313,7 @@ def test_the_guard_sends_one_trial_after_recovery_and_treats_slow_answers_as_fai
                        timeout=0.02)
 
     def slow(c):
-        time.sleep(0.03)
+        clock.advance(0.03)  # the call takes longer than the guard's timeout, by its clock
         return c.ping()
 
     assert guard.run(slow, lambda: "local") is True  # slow, but its answer is used

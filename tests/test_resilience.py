@@ -1,11 +1,13 @@
 """Resilience through HTTP: breakers per provider, cool-downs, bulkheads, load balancing."""
 
 import concurrent.futures
+import random
 import time
 
 import pytest
 import requests
 
+from app.router import Router
 from tests.conftest import FakeClock, live_server, provider
 from tests.upstream import Hang, Reply
 
@@ -20,6 +22,17 @@ def post(app, body=CHAT, **kw):
 def breaker(app, name):
     providers = app.test_client().get("/providers").json["providers"]
     return next(p for p in providers if p["name"] == name)["circuit_breaker"]
+
+
+def wait_for_calls(upstream, n, timeout=5.0):
+    """Until the fake upstream has seen ``n`` calls; past ``timeout`` seconds the test fails
+    (its hanging calls released first) instead of waiting forever."""
+    deadline = time.monotonic() + timeout
+    while upstream.calls < n:
+        if time.monotonic() > deadline:
+            upstream.stopping.set()
+            pytest.fail(f"the upstream saw {upstream.calls} of {n} calls in {timeout} s")
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -180,8 +193,7 @@ def test_a_hanging_provider_cannot_starve_a_healthy_one(make_app, upstream, upst
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             slow = [pool.submit(call, "slow-model") for _ in range(10)]
-            while upstream.calls < 3:  # the bulkhead is full
-                time.sleep(0.01)
+            wait_for_calls(upstream, 3)  # the bulkhead is full
             status, seconds = call("fast-model")
             assert status == 200 and seconds < 2.0  # long before the hang ends
             upstream.stopping.set()
@@ -199,8 +211,7 @@ def test_past_the_global_limit_the_proxy_answers_503_at_once(make_app, upstream)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             hanging = [pool.submit(requests.post, url + "/v1/chat/completions", json=CHAT,
                                    timeout=10) for _ in range(2)]
-            while upstream.calls < 2:
-                time.sleep(0.01)
+            wait_for_calls(upstream, 2)
             started = time.monotonic()
             response = requests.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
             assert time.monotonic() - started < 2.0  # long before the hang ends
@@ -214,8 +225,9 @@ def test_past_the_global_limit_the_proxy_answers_503_at_once(make_app, upstream)
 def test_weighted_balancing_spreads_equal_priority_by_weight(make_app):
     app = make_app([{"name": "heavy", "type": "mock", "models": ["m"], "weight": 3},
                     {"name": "light", "type": "mock", "models": ["m"], "weight": 1}])
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    picks = [post(app, body).headers["X-Proxy-Provider"] for _ in range(400)]
+    # The app's providers, weights as configured, under a router with a seeded random source.
+    router = Router(app.extensions["llm_proxy"].providers, rng=random.Random(15).random)
+    picks = [router.candidates("m", "chat")[0][0].name for _ in range(400)]
     assert 250 <= picks.count("heavy") <= 350  # 300 expected; 5 standard deviations either side
 
 
@@ -229,8 +241,7 @@ def test_least_in_flight_prefers_the_idle_provider(make_app, upstream, upstream_
     with live_server(app, threads=6) as url:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             parked = pool.submit(requests.post, url + "/v1/chat/completions", json=CHAT, timeout=10)
-            while upstream.calls < 1:
-                time.sleep(0.01)
+            wait_for_calls(upstream, 1)
             picks = {requests.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
                      .headers["X-Proxy-Provider"] for _ in range(10)}
             upstream.stopping.set()

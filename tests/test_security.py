@@ -26,6 +26,17 @@ def bearer(key):
     return {"Authorization": f"Bearer {key}"}
 
 
+def wait_for_calls(upstream, n, timeout=5.0):
+    """Until the fake upstream has seen ``n`` calls; past ``timeout`` seconds the test fails
+    (its hanging calls released first) instead of waiting forever."""
+    deadline = time.monotonic() + timeout
+    while upstream.calls < n:
+        if time.monotonic() > deadline:
+            upstream.stopping.set()
+            pytest.fail(f"the upstream saw {upstream.calls} of {n} calls in {timeout} s")
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def clock():
     return FakeClock()
@@ -156,8 +167,7 @@ def test_requests_in_flight_per_key_are_limited(make_app, upstream):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             parked = pool.submit(requests.post, url + "/v1/chat/completions", json=CHAT,
                                  headers=bearer(KEY_A), timeout=20)
-            while upstream.calls < 1:
-                time.sleep(0.01)
+            wait_for_calls(upstream, 1)
             second = requests.post(url + "/v1/chat/completions", json=CHAT, headers=bearer(KEY_A),
                                    timeout=5)
             upstream.stopping.set()

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 import orjson
 from flask import Blueprint, Response, request
 
 from app import leaks
 from app.api import proxy
-from app.auth import presented_key
-from app.errors import ProxyError
+from app.auth import is_admin_key, presented_key
+from app.errors import AdminDisabled, AdminRefused, InvalidRequest, NotFound
 
 bp = Blueprint("admin", __name__, url_prefix="/debug")
 
 
-class AdminRefused(ProxyError):
-    """The admin key is missing or wrong."""
-    status, type, code = 401, "authentication_error", "invalid_admin_key"
-
-
-class AdminDisabled(ProxyError):
-    """No admin key is configured, so the debug routes are off."""
-    status, type, code = 403, "permission_error", "admin_disabled"
-
-
-def is_admin_key(given: str | None) -> bool:
-    """Whether ``given`` is the admin key (false when none is configured)."""
-    expected = proxy().settings.admin_api_key
-    # Compare digests so the comparison takes the same time whatever the lengths.
-    return bool(expected and given) and hmac.compare_digest(
-        hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
-
-
 @bp.before_request
 def require_admin_key():
-    if not proxy().settings.admin_api_key:
+    admin_key = proxy().settings.admin_api_key
+    if not admin_key:
         raise AdminDisabled("The /debug routes are disabled: set ADMIN_API_KEY to enable them.")
-    if not is_admin_key(presented_key(request.headers)):
+    if not is_admin_key(presented_key(request.headers), admin_key):
         raise AdminRefused("A valid admin key is required for /debug routes.",
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -49,7 +29,7 @@ def reset_breakers():
     breakers = proxy().breakers
     name = request.args.get("name")
     if name is not None and name not in breakers:
-        raise ProxyError(f"No provider named {name!r}.", status=404, code="provider_not_found")
+        raise NotFound(f"No provider named {name!r}.", code="provider_not_found")
     breakers.reset(name)
     return Response(orjson.dumps({"reset": [name] if name else [b.name for b in breakers],
                                   "circuit_breakers": breakers.snapshot()}),
@@ -62,8 +42,8 @@ def clear_cache():
     caches = proxy().caches
     name = request.args.get("name")
     if name not in (None, "response", "summary"):
-        raise ProxyError(f"No cache named {name!r}: use response or summary.", status=404,
-                         code="cache_not_found")
+        raise NotFound(f"No cache named {name!r}: use response or summary.",
+                       code="cache_not_found")
     before = caches.stats()
     caches.clear(name)
     return Response(orjson.dumps({"cleared": [name] if name else ["response", "summary"],
@@ -76,8 +56,8 @@ def memory_cleanup():
     """Run a cleanup now (``?level=emergency`` for the hard one); before and after figures."""
     level = request.args.get("level", "normal")
     if level not in ("normal", "emergency"):
-        raise ProxyError(f"Unknown level {level!r}: use normal or emergency.", param="level",
-                         status=400, code="invalid_value")
+        raise InvalidRequest(f"Unknown level {level!r}: use normal or emergency.", param="level",
+                             code="invalid_value")
     return Response(orjson.dumps(proxy().memory.cleanup(level)), mimetype="application/json")
 
 
@@ -89,8 +69,7 @@ def tracemalloc_switch(action):
     elif action == "stop":
         changed = leaks.stop_tracemalloc()
     else:
-        raise ProxyError(f"Unknown action {action!r}: use start or stop.", status=404,
-                         code="not_found")
+        raise NotFound(f"Unknown action {action!r}: use start or stop.")
     return Response(orjson.dumps({"action": action, "changed": changed}),
                     mimetype="application/json")
 

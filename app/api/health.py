@@ -73,7 +73,7 @@ def _providers(llm_proxy):
 
 
 def _memory(llm_proxy):
-    stats = llm_proxy.memory.stats() if llm_proxy.memory is not None else {}
+    stats = llm_proxy.memory.stats()
     pressure = stats.get("pressure", "normal")
     status = {"critical": "unhealthy", "high": "warning"}.get(pressure, "healthy")
     return {"status": status, "usage_percent": stats.get("usage_percent"),

@@ -8,9 +8,8 @@ from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import proxy
-from app.api.admin import is_admin_key
-from app.auth import AuthError, presented_key
-from app.errors import ProxyError
+from app.auth import is_admin_key, presented_key
+from app.errors import AuthError, NotFound
 from app.metrics import json_view
 
 bp = Blueprint("metrics", __name__)
@@ -22,8 +21,7 @@ def metrics():
     if llm_proxy.settings.auth.metrics_require_key:
         require_metrics_key(llm_proxy)
     if not llm_proxy.metrics.enabled:
-        raise ProxyError("Metrics are disabled (METRICS_ENABLED=false).", status=404,
-                         code="metrics_disabled")
+        raise NotFound("Metrics are disabled (METRICS_ENABLED=false).", code="metrics_disabled")
     wants_json = (request.args.get("format") == "json"
                   or request.accept_mimetypes.best_match(["text/plain", "application/json"])
                   == "application/json")
@@ -34,7 +32,7 @@ def metrics():
 
 def require_metrics_key(llm_proxy):
     """The admin key or any valid client key (a scraper gets a key of its own)."""
-    if is_admin_key(presented_key(request.headers)):
+    if is_admin_key(presented_key(request.headers), llm_proxy.settings.admin_api_key):
         return
     if not llm_proxy.keys.enabled:
         raise AuthError("/metrics requires the admin key (no client keys are configured).")
