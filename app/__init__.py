@@ -78,13 +78,8 @@ class LLMProxy:
                               fallback=d.fallback, step=d.step, coalescer=Coalescer(clock=clock))
         self.condensation = Condensation(condenser, self.gateway, summary_model=d.summary_model,
                                          enabled=d.enabled)
-        m = settings.memory_manager
-        self.memory = MemoryManager(  # this process's memory: never the shared caches
-            local_caches, memory_threshold_mb=m.memory_threshold_mb,
-            emergency_threshold_mb=m.emergency_threshold_mb, cleanup_interval=m.cleanup_interval,
-            sample_interval=m.sample_interval, enable_gc_tuning=m.enable_gc_tuning,
-            gc_thresholds=tuple(m.gc_thresholds), leak_detection_enabled=m.leak_detection_enabled,
-            leak_snapshots=m.leak_snapshots, clock=clock)
+        # this process's memory: never the shared caches
+        self.memory = MemoryManager(local_caches, settings.memory_manager, clock=clock)
         self.keys = KeyStore.from_keys(settings.auth.client_keys())
         if self.shared:  # buckets shared across machines need wall-clock time
             self.limiter = RateLimiter(self.shared.limit_store(), clock=time.time,

@@ -38,6 +38,7 @@ from typing import Callable
 
 from app import malloc
 from app.leaks import count_objects, leak_report, no_leak, tracemalloc_stats
+from settings import MemorySettings
 
 log = logging.getLogger("llm_proxy.memory")
 
@@ -53,8 +54,9 @@ _CLEANUP_FOR = {HIGH: "normal", CRITICAL: "emergency"}
 class MemoryManager:
     """Watches this process's memory and cleans the caches when it runs high.
 
-    Every collaborator is a constructor argument with a safe default: ``caches`` (an
-    ``app.cache.CacheSet`` or None), ``rss_reader()`` -> this process's RSS in bytes (default:
+    Built from its settings section (``settings.memory_manager``: thresholds, intervals, GC
+    tuning, leak detection); every collaborator is a constructor argument with a safe default:
+    ``caches`` (an ``app.cache.CacheSet`` or None), ``rss_reader()`` -> this process's RSS in bytes (default:
     one ``psutil.Process`` kept for the manager's life), ``system_reader()`` -> an object with
     ``total`` and ``available`` bytes (default ``psutil.virtual_memory``), ``clock`` (seconds,
     for schedules and trends), ``wall_clock`` (for the times shown to people), ``gc_module``
@@ -68,17 +70,10 @@ class MemoryManager:
     def __init__(
         self,
         caches=None,
+        settings: MemorySettings | None = None,
         *,
-        memory_threshold_mb: float = 1024,
-        emergency_threshold_mb: float = 1536,
-        cleanup_interval: float = 300.0,
-        sample_interval: float = 10.0,
         pressure_cooldown: float = 60.0,
         emergency_shrink: float = 0.5,
-        enable_gc_tuning: bool = True,
-        gc_thresholds: tuple[int, int, int] = (50000, 20, 20),
-        leak_detection_enabled: bool = True,
-        leak_snapshots: int = 5,
         leak_tolerance_mb: float = 1.0,
         leak_min_growth: int = 10,
         leak_growth_ratio: float = 0.01,
@@ -91,31 +86,27 @@ class MemoryManager:
         gc_module=gc,
         object_counter: Callable[[], dict[str, int]] | None = None,
     ):
+        settings = settings or MemorySettings()
+        settings.validate("memory_manager")  # SettingsError, a ValueError, naming the field
         for ok, problem in (
-                (memory_threshold_mb > 0, "memory_threshold_mb must be positive"),
-                (emergency_threshold_mb >= memory_threshold_mb,
-                 "emergency_threshold_mb must be at least memory_threshold_mb"),
-                (cleanup_interval > 0 and sample_interval > 0, "intervals must be positive"),
                 (pressure_cooldown >= 0, "pressure_cooldown must not be negative"),
                 (0.0 <= emergency_shrink <= 1.0, "emergency_shrink must be between 0 and 1"),
-                (len(gc_thresholds) == 3 and all(t >= 0 for t in gc_thresholds),
-                 "gc_thresholds must be three non-negative integers"),
-                (leak_snapshots >= 2, "leak_snapshots must be at least 2"),
                 (leak_tolerance_mb >= 0 and leak_min_growth >= 0 and leak_growth_ratio >= 0,
                  "leak tolerances must not be negative")):
             if not ok:
                 raise ValueError(problem)
         self.caches = caches
-        self.memory_threshold_mb = memory_threshold_mb
-        self.emergency_threshold_mb = emergency_threshold_mb
-        self.cleanup_interval = float(cleanup_interval)
-        self.sample_interval = float(sample_interval)
+        self.settings = settings
+        self.memory_threshold_mb = settings.memory_threshold_mb
+        self.emergency_threshold_mb = settings.emergency_threshold_mb
+        self.cleanup_interval = float(settings.cleanup_interval)
+        self.sample_interval = float(settings.sample_interval)
         self.pressure_cooldown = float(pressure_cooldown)
         self.emergency_shrink = emergency_shrink
-        self.enable_gc_tuning = enable_gc_tuning
-        self.gc_thresholds = tuple(int(t) for t in gc_thresholds)
-        self.leak_detection_enabled = leak_detection_enabled
-        self.leak_snapshots = int(leak_snapshots)
+        self.enable_gc_tuning = settings.enable_gc_tuning
+        self.gc_thresholds = tuple(int(t) for t in settings.gc_thresholds)
+        self.leak_detection_enabled = settings.leak_detection_enabled
+        self.leak_snapshots = int(settings.leak_snapshots)
         self.leak_tolerance_mb = leak_tolerance_mb
         self.leak_min_growth = leak_min_growth
         self.leak_growth_ratio = leak_growth_ratio

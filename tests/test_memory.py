@@ -3,6 +3,7 @@ tuning, tracemalloc and the monitor thread; on injected readers and a fake clock
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -14,6 +15,7 @@ import pytest
 from app.cache import build_caches
 from app import leaks
 from app.memory import MB, MemoryManager, count_objects
+from settings import MemorySettings
 from tests.conftest import FakeClock
 
 
@@ -64,8 +66,12 @@ def caches(clock):
 def manager(caches=None, clock=None, rss=None, **options):
     options.setdefault("system_reader", system())
     options.setdefault("object_counter", lambda: {"dict": 1000})
-    return MemoryManager(caches, memory_threshold_mb=1024, emergency_threshold_mb=1536,
-                         rss_reader=rss or FakeRSS(), clock=clock or FakeClock(), **options)
+    fields = {f.name for f in dataclasses.fields(MemorySettings)}
+    section = {"enable_gc_tuning": True, **{k: v for k, v in options.items() if k in fields}}
+    others = {k: v for k, v in options.items() if k not in fields}
+    settings = MemorySettings(memory_threshold_mb=1024, emergency_threshold_mb=1536, **section)
+    return MemoryManager(caches, settings, rss_reader=rss or FakeRSS(),
+                         clock=clock or FakeClock(), **others)
 
 
 def fill(cache, n, size=30_000, prefix="k"):
@@ -543,10 +549,11 @@ def test_checks_cleanups_and_stats_run_concurrently(caches, clock):
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
-        MemoryManager(memory_threshold_mb=2000, emergency_threshold_mb=1000,
+        MemoryManager(None, MemorySettings(memory_threshold_mb=2000, emergency_threshold_mb=1000),
                       rss_reader=FakeRSS(), system_reader=system())
     with pytest.raises(ValueError):
-        MemoryManager(leak_snapshots=0, rss_reader=FakeRSS(), system_reader=system())
+        MemoryManager(None, MemorySettings(leak_snapshots=0), rss_reader=FakeRSS(),
+                      system_reader=system())
 
 
 def test_the_thread_can_be_started_again_after_a_stop():

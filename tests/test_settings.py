@@ -11,7 +11,7 @@ import pytest
 import settings as settings_module
 from app import create_app
 from app.memory import MemoryManager
-from settings import SettingsError, build_settings, load_settings
+from settings import MemorySettings, SettingsError, build_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_KEY = "test-client-key-0123456789"
@@ -181,11 +181,11 @@ def test_leak_snapshots_has_one_lower_bound_for_the_file_and_the_memory_manager(
 
     with pytest.raises(SettingsError, match="memory_manager.leak_snapshots: must be at least 2"):
         load_settings(environ={}, config_path=write(tmp_path, text(1)))
-    with pytest.raises(ValueError, match="leak_snapshots must be at least 2"):
-        MemoryManager(leak_snapshots=1, rss_reader=lambda: 0, system_reader=lambda: None)
+    with pytest.raises(ValueError, match="leak_snapshots: must be at least 2"):
+        MemoryManager(None, MemorySettings(leak_snapshots=1), rss_reader=lambda: 0,
+                      system_reader=lambda: None)
     s = load_settings(environ={}, config_path=write(tmp_path, text(2)))
-    MemoryManager(leak_snapshots=s.memory_manager.leak_snapshots, rss_reader=lambda: 0,
-                  system_reader=lambda: None)
+    MemoryManager(None, s.memory_manager, rss_reader=lambda: 0, system_reader=lambda: None)
 
 
 # --- defect 6: errors name what the user typed ---------------------------------------------
