@@ -47,14 +47,9 @@ class LLMProxy:
                             "key, which most upstreams refuse (HTTP 401)", adapter.name,
                             adapter.missing_key)
         self.shared = SharedState(settings, clock=clock) if settings.redis.url else None
-        cb = settings.circuit_breaker
         self.breakers = BreakerBoard(
-            [p.name for p in settings.providers], clock=clock,
-            storage_factory=self.shared.breaker_storage if self.shared else None,
-            failure_threshold=cb.failure_threshold, recovery_timeout=cb.recovery_timeout,
-            success_threshold=cb.success_threshold, adaptive=cb.adaptive_thresholds,
-            window=cb.window, min_threshold=cb.min_threshold, failure_rate=cb.failure_rate,
-            min_calls=cb.min_calls)
+            [p.name for p in settings.providers], settings.circuit_breaker, clock=clock,
+            storage_factory=self.shared.breaker_storage if self.shared else None)
         self.bulkheads = {p.name: Bulkhead(settings.provider_max_in_flight(p))
                           for p in settings.providers}
         self.admission = Bulkhead(settings.max_in_flight)

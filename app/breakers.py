@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Iterator
 
 import pybreaker
 
+from settings import CircuitBreakerSettings
+
 log = logging.getLogger("llm_proxy.breakers")
 
 CLOSED = "closed"
@@ -314,21 +316,27 @@ class ProviderBreaker:
 
 
 class BreakerBoard:
-    """One ``ProviderBreaker`` per provider name, built with the same settings.
+    """One ``ProviderBreaker`` per provider name, all built from one settings section
+    (``settings.circuit_breaker``; its defaults when None).
 
     ``storage_factory(name)``, when given, makes each breaker's pybreaker storage (e.g. a
     ``CircuitRedisStorage`` with one namespace per provider). Iterating yields the breakers.
     """
 
-    def __init__(self, names: Iterable[str], *,
-                 storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None,
-                 **settings):
+    def __init__(self, names: Iterable[str], settings: CircuitBreakerSettings | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None):
+        s = settings or CircuitBreakerSettings()
+        options = dict(failure_threshold=s.failure_threshold, recovery_timeout=s.recovery_timeout,
+                       success_threshold=s.success_threshold, adaptive=s.adaptive_thresholds,
+                       window=s.window, min_threshold=s.min_threshold,
+                       failure_rate=s.failure_rate, min_calls=s.min_calls, clock=clock)
         self._breakers: dict[str, ProviderBreaker] = {}
         for name in names:
             if name in self._breakers:
                 raise ValueError(f"duplicate provider name {name!r}")
             storage = storage_factory(name) if storage_factory else None
-            self._breakers[name] = ProviderBreaker(name, storage=storage, **settings)
+            self._breakers[name] = ProviderBreaker(name, storage=storage, **options)
 
     def get(self, name: str) -> ProviderBreaker:
         """The breaker of provider ``name``; KeyError if there is none."""

@@ -11,6 +11,9 @@ import pybreaker
 import pytest
 
 from app.breakers import BreakerBoard, ProviderBreaker
+from settings import CircuitBreakerSettings
+
+TWO_STRIKES = CircuitBreakerSettings(failure_threshold=2, adaptive_thresholds=False)
 from tests.conftest import FakeClock
 
 
@@ -369,7 +372,7 @@ def test_reset_closes_and_clears_everything(clock):
 
 def test_board_holds_one_breaker_per_provider(clock):
     """BreakerBoard builds a breaker per name with the same settings; iteration yields them."""
-    board = BreakerBoard(["a", "b"], clock=clock, failure_threshold=2, adaptive=False)
+    board = BreakerBoard(["a", "b"], TWO_STRIKES, clock=clock)
     assert [b.name for b in board] == ["a", "b"]
     assert board.get("a") is not board.get("b")
     fail(board.get("a"), 2)
@@ -381,7 +384,7 @@ def test_board_holds_one_breaker_per_provider(clock):
 
 def test_board_resets_one_breaker(clock):
     """reset(name) closes only that provider's breaker."""
-    board = BreakerBoard(["a", "b"], clock=clock, failure_threshold=2, adaptive=False)
+    board = BreakerBoard(["a", "b"], TWO_STRIKES, clock=clock)
     fail(board.get("a"), 2)
     fail(board.get("b"), 2)
     board.reset("a")
@@ -391,7 +394,7 @@ def test_board_resets_one_breaker(clock):
 
 def test_board_resets_all_breakers(clock):
     """reset() with no name closes every breaker."""
-    board = BreakerBoard(["a", "b"], clock=clock, failure_threshold=2, adaptive=False)
+    board = BreakerBoard(["a", "b"], TWO_STRIKES, clock=clock)
     fail(board.get("a"), 2)
     fail(board.get("b"), 2)
     board.reset()
@@ -413,7 +416,8 @@ def test_board_gives_each_breaker_its_own_storage(clock):
         made[name] = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
         return made[name]
 
-    board = BreakerBoard(["a", "b"], clock=clock, storage_factory=factory, adaptive=False)
+    board = BreakerBoard(["a", "b"], CircuitBreakerSettings(adaptive_thresholds=False), clock=clock,
+                         storage_factory=factory)
     fail(board.get("b"), 5)
     assert made["a"].state == pybreaker.STATE_CLOSED
     assert made["b"].state == pybreaker.STATE_OPEN

@@ -25,10 +25,12 @@ from app.limits import MemoryLimitStore
 from app.redis_breakers import redis_breaker_storage
 from app.redis_limits import RedisLimitStore
 from app.redis_store import RedisByteCache, RedisGuard, connect, pack
+from settings import CircuitBreakerSettings
 from tests.conftest import FakeClock
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_URL = "redis://127.0.0.1:1/0"
+ONE_STRIKE = CircuitBreakerSettings(failure_threshold=1, adaptive_thresholds=False)
 
 
 @pytest.fixture
@@ -196,7 +198,8 @@ def test_a_breaker_opened_in_one_process_is_open_in_another(redis_url, prefix):
     for _ in range(2):
         client, guard = process(redis_url)
         boards.append(BreakerBoard(
-            ["openai"], clock=FakeClock(1_700_000_000.0), failure_threshold=2, adaptive=False,
+            ["openai"], CircuitBreakerSettings(failure_threshold=2, adaptive_thresholds=False),
+            clock=FakeClock(1_700_000_000.0),
             storage_factory=lambda name: redis_breaker_storage(client, name, prefix,
                                                                guard=guard, max_age=0)))
     one, other = boards[0].get("openai"), boards[1].get("openai")
@@ -216,7 +219,7 @@ def test_a_dead_redis_degrades_to_local_stores_without_raising():
                             failure_threshold=3, recovery_timeout=5.0)
     c = cache(guard, prefix, clock)
     limits = RedisLimitStore(guard, MemoryLimitStore(), prefix)
-    board = BreakerBoard(["openai"], clock=clock, failure_threshold=1, adaptive=False,
+    board = BreakerBoard(["openai"], ONE_STRIKE, clock=clock,
                          storage_factory=lambda n: redis_breaker_storage(client, n, prefix,
                                                                          guard=guard))
     started = time.perf_counter()
@@ -279,7 +282,7 @@ def test_stores_fall_back_while_redis_is_down_and_return_when_it_is_back(private
     c = cache(guard, prefix, clock)
     limits = RedisLimitStore(guard, MemoryLimitStore(), prefix)
     storage = redis_breaker_storage(client, "openai", prefix, guard=guard)
-    board = BreakerBoard(["openai"], clock=clock, failure_threshold=1, adaptive=False,
+    board = BreakerBoard(["openai"], ONE_STRIKE, clock=clock,
                          storage_factory=lambda name: storage)
     assert c.set("before", b"1") and c.get("before").value == b"1"
     board.get("openai").record_failure()  # open, in Redis
