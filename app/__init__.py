@@ -30,6 +30,7 @@ class LLMProxy:
         from app.response_cache import ResponseCache
         from app.shared import SharedState
         from app.gateway import Gateway
+        from app.pipeline import Pipeline
         from app.providers import build_provider
         from app.providers.discovery import ModelDiscovery
         from app.router import Router
@@ -84,6 +85,7 @@ class LLMProxy:
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline,
                                        clock=clock)
+        self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway)
         # The models behind the providers' patterns, asked of their upstreams in the background.
         interval = settings.routing.model_refresh_interval  # 0: never asked
         self.discovery = ModelDiscovery(self.providers, self.router, interval=interval)

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import orjson
 
-from app.errors import ProxyError, SummaryFailed, UpstreamClientError
+from app.errors import ProxyError, SummaryFailed
 
 # The token estimate (see `Condenser.estimate_tokens`).
 CHARS_PER_TOKEN = 4
@@ -334,10 +334,11 @@ def _render(message: dict, names: dict) -> str:
 
 
 class Condensation:
-    """Condensation on the request path: a chat over the threshold is condensed before it is
-    sent, and one refused by the upstream as too long is condensed (forced) and sent once more.
-    The summary is asked of ``summary_model`` (or the request's own model) through the gateway,
-    so it gets the same routing, fallback and breakers as any call.
+    """Condensation, a step of the pipeline (app/pipeline.py): a chat over the threshold is
+    condensed before it is sent (``prepared``), and one refused by the upstream as too long is
+    condensed by force to be sent once more (``retried``). The summary is asked of
+    ``summary_model`` (or the request's own model) through the gateway, so it gets the same
+    routing, fallback and breakers as any call.
     """
 
     def __init__(self, condenser: Condenser, gateway, *, summary_model: str = "", enabled=True):
@@ -346,33 +347,17 @@ class Condensation:
         self.summary_model = summary_model
         self.enabled = enabled
 
-    def complete(self, call, ctx):
-        if not self.enabled:
-            return self.gateway.complete(call, ctx)
-        call = self._prepared(call, ctx)
-        try:
-            return self.gateway.complete(call, ctx)
-        except UpstreamClientError as e:
-            return self.gateway.complete(self._retry(call, ctx, e), ctx)
-
-    def stream(self, call, ctx):
-        if not self.enabled:
-            return self.gateway.stream(call, ctx)
-        call = self._prepared(call, ctx)
-        try:
-            return self.gateway.stream(call, ctx)
-        except UpstreamClientError as e:
-            return self.gateway.stream(self._retry(call, ctx, e), ctx)
-
-    def _prepared(self, call, ctx):
-        if call.endpoint != "chat" or not self.condenser.needed(call.body):
+    def prepared(self, call, ctx):
+        """The call as it goes upstream: condensed when it is a chat over the threshold."""
+        if not self.enabled or call.endpoint != "chat" or not self.condenser.needed(call.body):
             return call
         return self._condensed(call, ctx, force=False)
 
-    def _retry(self, call, ctx, error):
-        """The call condensed by force, if the upstream said its context is too long."""
-        if call.endpoint != "chat" or not self.condenser.is_context_too_long(error.status,
-                                                                              error.body()):
+    def retried(self, call, ctx, error):
+        """The call condensed by force when the upstream refused it as too long; else the
+        upstream's error stands (it is raised)."""
+        if (not self.enabled or call.endpoint != "chat"
+                or not self.condenser.is_context_too_long(error.status, error.body())):
             raise error
         condensed = self._condensed(call, ctx, force=True)
         if condensed is call:

@@ -62,19 +62,15 @@ def _model(name, owner, created):
 
 
 def _serve(endpoint):
-    """Parse, validate and hand the call to the gateway; legacy clients need no Content-Type."""
+    """Parse and validate the body into a Call, hand it to the pipeline, render its answer;
+    legacy clients need no Content-Type."""
     raw = request.get_data(cache=False)
     body = validate(endpoint, parse_body(raw))
     stream = endpoint != "embeddings" and body.get("stream") is True
     call = Call(endpoint, body, raw, stream)
-    llm_proxy, ctx = proxy(), g.ctx
-    ctx.model = body["model"]
-    ctx.tenant.check_model(ctx.model)
-    ctx.admission = llm_proxy.limiter.admit(ctx.tenant)
-    upstream, responses = llm_proxy.condensation, llm_proxy.responses
-    policy = responses.policy(body["model"], request.headers.get("Cache-Control", ""))
+    pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
     if stream:
-        events = responses.stream(call, ctx, policy, lambda: upstream.stream(call, ctx))
+        events = pipeline.stream(call, g.ctx, cache_control)
         return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-    reply = responses.complete(call, ctx, policy, lambda: upstream.complete(call, ctx))
+    reply = pipeline.complete(call, g.ctx, cache_control)
     return Response(reply.body, status=reply.status, mimetype="application/json")

@@ -1,0 +1,60 @@
+"""The request's path, top to bottom, for every entry point.
+
+A view parses its protocol into a ``Call`` and hands it here with the request's context; it
+gets back a whole ``Reply`` or an iterable of SSE events, and renders that in its protocol.
+The steps, in order:
+
+    admit      the key may use this model (403); its rate limits admit it (429); what it
+               spends is charged when the answer ends (app/api: the after-request hook)
+    cache      a fresh cached answer is the answer (HIT); identical requests in flight share
+               one upstream call (coalesce); an answer is stored once complete; when every
+               provider fails, a stale answer may stand in (app/response_cache.py)
+    condense   an over-long chat is condensed before it is sent (app/condense.py)
+    route      the gateway: candidates in order, breakers, bulkheads, retries, fallback
+               (app/gateway.py)
+    re-send    a chat the upstream refused as too long is condensed by force and sent once more
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from app.errors import UpstreamClientError
+
+
+class Pipeline:
+    """The one sequence every request goes through; each step is a component of its own."""
+
+    def __init__(self, limiter, responses, condensation, gateway):
+        self.limiter = limiter  # RateLimiter
+        self.responses = responses  # ResponseCache
+        self.condensation = condensation  # Condensation
+        self.gateway = gateway  # Gateway
+
+    def complete(self, call, ctx, cache_control: str = ""):
+        """A whole answer (``Reply``)."""
+        policy = self._admit(call, ctx, cache_control)
+        send = partial(self._route, self.gateway.complete, call, ctx)
+        return self.responses.complete(call, ctx, policy, send)
+
+    def stream(self, call, ctx, cache_control: str = ""):
+        """An iterable of SSE events; it fails before its first event when it fails early."""
+        policy = self._admit(call, ctx, cache_control)
+        open_stream = partial(self._route, self.gateway.stream, call, ctx)
+        return self.responses.stream(call, ctx, policy, open_stream)
+
+    def _admit(self, call, ctx, cache_control: str):
+        """The key's model allow-list and rate limits; the request's cache policy."""
+        ctx.model = call.body["model"]
+        ctx.tenant.check_model(ctx.model)
+        ctx.admission = self.limiter.admit(ctx.tenant)
+        return self.responses.policy(ctx.model, cache_control)
+
+    def _route(self, route, call, ctx):
+        """Condense, route (``route``: the gateway's complete or stream); condense by force and
+        route once more if the upstream refused the chat as too long."""
+        call = self.condensation.prepared(call, ctx)
+        try:
+            return route(call, ctx)
+        except UpstreamClientError as e:
+            return route(self.condensation.retried(call, ctx, e), ctx)
