@@ -15,7 +15,7 @@ test: $(VENV)/.installed-dev $(CHECKOV_VENV)/.installed
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench run $(BENCH_ARGS)
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

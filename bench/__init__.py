@@ -1,1 +1,2 @@
-"""Loopback load test of the proxy: `make bench` runs `python -m bench.run`."""
+"""The proxy's benchmarks: ``python -m bench <command>`` (bench/README.md); `make bench` runs
+``python -m bench run``."""

@@ -1,18 +1,15 @@
 """The app's own cost per request, in-process: no sockets, no server, no upstream.
 
-    .venv/bin/python -m bench.hotpath [--requests 3000] [--profile]
-
 Calls the WSGI app directly with a prepared environ, the mock provider standing in for the
-upstream, and prints microseconds per request (best of three runs) for the paths that matter:
+upstream, and reports microseconds per request (best of three runs) for the paths that matter:
 a cache hit, a miss answered by the mock, each with observability on and off, and with the
 production profile's API key check and rate limit. ``--profile`` adds a cProfile of the cache
 hit with everything on, sorted by own time: what to optimise next. Waitress, the network and
-the upstream come on top of these figures (``bench.run`` measures the whole).
+the upstream come on top of these figures (``python -m bench run`` measures the whole).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import cProfile
 import io
@@ -20,9 +17,13 @@ import pstats
 import sys
 import time
 
-from app import create_app
-from settings import build_settings
+from bench import report
 
+TOOLS = ()
+TITLE = "hot path, in-process"
+OUTPUT = "hotpath"
+QUICK = {"requests": 300}
+LIMITS = {"requests": (10, 1_000_000)}
 KEY = "sk-hotpath-0123456789abcdef"
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 QUIET = {"metrics_enabled": False, "access_log": False}
@@ -37,7 +38,14 @@ CASES = {
 }
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--requests", type=int, default=3000, help="requests per path (3000)")
+    p.add_argument("--profile", action="store_true", help="add a cProfile of the cache hit")
+
+
 def build(extra):
+    from app import create_app
+    from settings import build_settings
     return create_app(build_settings(
         {"providers": [{"name": "m", "type": "mock", "models": ["m"]}], **extra}))
 
@@ -68,17 +76,16 @@ def per_request(app, key, n):
     return best * 1e6
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--profile", action="store_true")
-    args = p.parse_args(argv)
-    print("| path (in-process, one thread) | us per request |\n| --- | ---: |")
+def measure(args, procs, tmp) -> dict:
+    sys.path.insert(0, args.source)  # the app measured is the one in --source
+    rows = []
     for name, extra in CASES.items():
         app = build(extra)
-        key = KEY if "auth" in extra else None
-        print(f"| {name} | {per_request(app, key, args.requests):.1f} |")
+        rows.append({"path": name, "us": round(per_request(app, KEY if "auth" in extra else None,
+                                                           args.requests), 1)})
+        report.progress(f"hotpath {name}: {rows[-1]['us']} us")
         app.extensions["llm_proxy"].close()
+    profile_text = None
     if args.profile:
         app = build({})
         profile = cProfile.Profile()
@@ -87,9 +94,17 @@ def main(argv=None) -> int:
             for _ in range(args.requests):
                 call(app)
             profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-    return 0
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
+        profile_text = out.getvalue()
+    return {"settings": {"requests": args.requests}, "rows": rows, "profile": profile_text}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def render(rep) -> list[str]:
+    lines = [f"- {rep['settings']['requests']} requests per path, best of 3",
+             "", "| path (in-process, one thread) | us per request |", "| --- | ---: |",
+             *(f"| {r['path']} | {r['us']:.1f} |" for r in rep["rows"])]
+    if rep["profile"]:
+        lines += ["", "cProfile of the cache hit, everything on, by own time:", "", "```",
+                  rep["profile"].strip(), "```"]
+    return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -11,6 +12,8 @@ import time
 import psutil
 
 from bench.services import which
+
+SHARED_PCT = 10  # other work above this % of one core during a run: the row is not clean
 
 
 def cpu_sample(proxy_pid=None, exclude=()) -> dict:
@@ -42,7 +45,22 @@ def cpu_use(before, after) -> dict:
             "steal_pct": round(100 * (after["steal"] - before["steal"]) / wall, 1)}
 
 
-def wait_quiet(limit: float, busy_pct: float) -> float:
+@contextlib.contextmanager
+def cpu_meter(proxy_pid, procs):
+    """``with cpu_meter(pid, procs) as cpu:``: afterwards ``cpu`` holds ``cpu_use`` over the
+    block, every process of ``procs`` (a ProcessSet) left out of "other processes"."""
+    use: dict = {}
+    before = cpu_sample(proxy_pid, procs.pids())
+    yield use
+    use.update(cpu_use(before, cpu_sample(proxy_pid, procs.pids())))
+
+
+def shared(row: dict) -> bool:
+    """Whether other processes (or the VM host, as steal) took a run's CPU: *(shared)*."""
+    return row["others_cpu_pct"] + row.get("steal_pct", 0) > SHARED_PCT
+
+
+def wait_quiet(limit: float, busy_pct: float = SHARED_PCT / 2) -> float:
     """Wait up to ``limit`` s until the machine is under ``busy_pct`` for a second; the last %."""
     deadline, busy = time.monotonic() + limit, 0.0
     while time.monotonic() < deadline:

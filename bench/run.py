@@ -1,27 +1,24 @@
-"""The loopback load test: scenarios, the measuring loop, the report and the targets.
+"""The loopback load test: what the proxy costs per request, and what it serves on one core.
 
-``python -m bench.run`` starts nginx (the upstream), one proxy per scenario and wrk, pinned so
-that the proxy has core 0 to itself, and writes ``bench/results/latest.md`` and ``latest.json``.
+nginx answering a fixed completion is the upstream (never the bottleneck), wrk the load; the
+proxy (``python wsgi.py``) has core 0 to itself, nginx and wrk share core 1. Each scenario gets a
+fresh proxy; each row is a warm-up and a measured wrk run at one concurrency.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import shlex
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import psutil
 
-from bench import machine, services
+from bench import cli, machine, report, services
 
-CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
-SHARED_PCT = 10  # other work above this % of one core during a run: the row is not clean
+TOOLS = ("nginx", "wrk", "taskset")
+TITLE = "loopback benchmark"
+OUTPUT = "latest"
+QUICK = {"duration": 2.0, "warmup": 1.0}
+LIMITS = {"duration": (1, 120), "warmup": (0, 30), "retries": (0, 5)}
 
 
 @dataclass
@@ -30,23 +27,22 @@ class Scenario:
 
     ``providers(upstream_url)`` returns the YAML provider list; None means wrk talks to nginx
     directly. ``proxy_env``/``proxy_config`` adjust the proxy (e.g. ENVIRONMENT=production, a
-    cache section); ``body`` is what wrk POSTs to ``path``.
+    cache section); ``headers`` are sent with every request (an API key).
     """
     name: str
     title: str
     providers: object = None
     proxy_env: dict = field(default_factory=dict)
     proxy_config: dict = field(default_factory=dict)
-    body: dict = field(default_factory=lambda: dict(CHAT_BODY))
-    path: str = "/v1/chat/completions"
     needs_upstream: bool = True
-    headers: dict = field(default_factory=dict)  # sent with every request (an API key)
+    headers: dict = field(default_factory=dict)
 
 
 BENCH_KEY = "sk-bench-0123456789abcdef0123"
 BENCH_AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 PRODUCTION_ENV = {"ENVIRONMENT": "production", "THREADS": "256", "HOST": "127.0.0.1",
                   "PROXY_API_KEYS": f"bench:{BENCH_KEY}", "RATE_LIMIT_REQUESTS": "100000000"}
+NO_CACHE = {"cache": {"enabled": False}}
 
 
 def _openai_upstream(upstream):
@@ -62,25 +58,25 @@ SCENARIOS = {s.name: s for s in (
     Scenario("direct", "wrk -> nginx"),
     # The same request over and over: the cache is off so every one goes upstream.
     Scenario("passthrough", "wrk -> proxy -> nginx", providers=_openai_upstream,
-             proxy_config={"cache": {"enabled": False}}),
+             proxy_config=NO_CACHE),
     Scenario("cachehit", "wrk -> proxy (response cache hit)", providers=_openai_upstream),
     Scenario("mock", "wrk -> proxy (mock provider)", providers=_mock, needs_upstream=False,
-             proxy_config={"cache": {"enabled": False}}),
+             proxy_config=NO_CACHE),
     # Everything on: the production profile (256 threads, API keys required and checked, rate
     # limits checked (set high enough not to refuse the load), metrics, the JSON access log,
     # breakers, bulkheads, caches and the memory manager).
     Scenario("prod-passthrough", "wrk -> proxy -> nginx, production profile",
-             providers=_openai_upstream, proxy_env=PRODUCTION_ENV,
-             proxy_config={"cache": {"enabled": False}}, headers=BENCH_AUTH),
+             providers=_openai_upstream, proxy_env=PRODUCTION_ENV, proxy_config=NO_CACHE,
+             headers=BENCH_AUTH),
     Scenario("prod-cachehit", "wrk -> proxy (cache hit), production profile",
              providers=_openai_upstream, proxy_env=PRODUCTION_ENV, headers=BENCH_AUTH),
     # GC tuning (gc.freeze and thresholds at start-up; off by default) on, to compare with "mock".
     Scenario("mock-gc-on", "wrk -> proxy (mock provider, GC tuning on)", providers=_mock,
-             needs_upstream=False, proxy_config={"cache": {"enabled": False}},
+             needs_upstream=False, proxy_config=NO_CACHE,
              proxy_env={"GC_TUNING_ENABLED": "true"}),
     Scenario("prod-passthrough-gc-on", "wrk -> proxy -> nginx, production profile, GC tuning on",
              providers=_openai_upstream, proxy_env={**PRODUCTION_ENV, "GC_TUNING_ENABLED": "true"},
-             proxy_config={"cache": {"enabled": False}}, headers=BENCH_AUTH),
+             proxy_config=NO_CACHE, headers=BENCH_AUTH),
 )}
 
 TARGETS = (  # (label, key in the summary, comparison, limit, unit)
@@ -98,133 +94,86 @@ TARGETS = (  # (label, key in the summary, comparison, limit, unit)
 )
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    missing = services.missing_tools()
-    if missing and args.setup:
-        subprocess.run(["bash", os.path.join(services.REPO, "bench", "setup.sh")], check=False)
-        missing = services.missing_tools()
-    if missing:
-        print(f"bench: missing {', '.join(missing)}: run bench/setup.sh (as root) first",
-              file=sys.stderr)
-        return 2
-    services.interrupt_on_signals()
-    try:
-        report = measure(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; every started process was stopped", file=sys.stderr)
-        return 130
-    report["command"] = " ".join(["python -m bench.run", *map(shlex.quote, args.argv)])
-    text = render(report)
-    print(text)
-    services.write_results("latest", text, report)
-    return 1 if any(row["errors"] for row in report["rows"]) else 0
-
-
-def _parse(argv):
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+def add_arguments(p) -> None:
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each (2)")
+    p.add_argument("--scenarios", type=cli.names(SCENARIOS), default=list(SCENARIOS),
                    help=f"comma-separated, from: {', '.join(SCENARIOS)}")
-    p.add_argument("--connections", default="1,16", help="wrk concurrency levels")
-    p.add_argument("--threads", type=int, default=64, help="waitress threads of the proxy (the default setting)")
-    p.add_argument("--quick", action="store_true", help="2 s runs, 1 s warm-up: a smoke check")
-    p.add_argument("--source", default=services.REPO,
-                   help="the proxy checkout to run (default: this one), e.g. a `git clone`")
+    p.add_argument("--connections", type=lambda v: [int(c) for c in v.split(",")],
+                   default=[1, 16], help="wrk concurrency levels (1,16)")
+    p.add_argument("--threads", type=int, default=64,
+                   help="waitress threads of the proxy (64; the production rows use 256)")
+    p.add_argument("--smoke", action="store_true",
+                   help="one 1 s run of passthrough at c1, no warm-up: does the bench work?")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each run, wait up to this long for an idle machine")
     p.add_argument("--retries", type=int, default=0,
-                   help="run a row again (at most this often) when other work shared the CPU")
-    p.add_argument("--no-setup", dest="setup", action="store_false",
-                   help="do not run bench/setup.sh when nginx or wrk is missing")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.quick:
-        args.duration, args.warmup = 2.0, 1.0
-    if not 1 <= args.duration <= 120 or not 0 <= args.warmup <= 30 or not 0 <= args.retries <= 5:
-        p.error("--duration must be 1-120 s, --warmup 0-30 s, --retries 0-5")
-    services.check_paths(p, args)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown:
-        p.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}")
-    args.connections = [int(c) for c in args.connections.split(",")]
-    return args
+                   help="run a *shared* row again, at most this often (0-5), keeping the cleanest")
 
 
-def measure(args) -> dict:
-    """Run every chosen scenario at every concurrency; return the raw numbers."""
+def configure(p, args) -> None:
+    if args.smoke:
+        args.duration, args.warmup, args.scenarios, args.connections = 1.0, 0, ["passthrough"], [1]
+
+
+def measure(args, procs, tmp) -> dict:
+    """Every chosen scenario at every concurrency: the raw numbers and the targets."""
     rows, memory = [], {}
-    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp, \
-            services.ProcessSet() as procs:
-        upstream = None
-        if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
-            upstream = services.start_nginx(procs, tmp)
-        for name in args.scenarios:
-            scenario, proxy = SCENARIOS[name], None
-            url = upstream
-            if scenario.providers is not None:
-                proxy = services.start_proxy(
-                    procs, tmp, name, scenario.providers(upstream), threads=args.threads,
-                    env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
-                url = proxy.url
-            _check_answer(url + scenario.path, scenario.body, scenario.headers)  # and for RSS
-            if proxy:
-                memory[name] = {"idle_rss_mb": _rss_mb(proxy.process.pid)}
-            script = services.write_wrk_script(tmp, name, scenario.body,
-                                               headers=scenario.headers)
-            for c in args.connections:
-                rows.append(_measure_row(args, procs, scenario, proxy, url, script, c))
-            if proxy:
-                memory[name]["loaded_rss_mb"] = _rss_mb(proxy.process.pid)
-                procs.stop(proxy.process)
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine.describe(),
-            "settings": {"duration_s": args.duration, "warmup_s": args.warmup,
-                         "threads": args.threads, "source": machine.describe_source(args.source)},
-            "rows": rows, "memory": memory, "summary": _summary(rows, memory)}
+    upstream = None
+    if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
+        upstream = services.start_nginx(procs, tmp)
+    for name in args.scenarios:
+        scenario, proxy = SCENARIOS[name], None
+        url = upstream
+        if scenario.providers is not None:
+            proxy = services.start_proxy(
+                procs, tmp, name, scenario.providers(upstream), threads=args.threads,
+                env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
+            url = proxy.url
+        services.check_answer(url + services.PATH, headers=scenario.headers)  # and for RSS
+        if proxy:
+            memory[name] = {"idle_rss_mb": _rss_mb(proxy.process.pid)}
+        script = services.write_wrk_script(tmp, name, services.CHAT_BODY,
+                                           headers=scenario.headers)
+        for c in args.connections:
+            rows.append(_measure_row(args, procs, scenario, proxy, url + services.PATH, script,
+                                     c))
+        if proxy:
+            memory[name]["loaded_rss_mb"] = _rss_mb(proxy.process.pid)
+            procs.stop(proxy.process)
+    summary = _summary(rows, memory)
+    return {"settings": {"duration_s": args.duration, "warmup_s": args.warmup,
+                         "threads": args.threads},
+            "rows": rows, "memory": memory, "summary": summary, "targets": _targets(summary),
+            "pass": not any(row["errors"] for row in rows)}
 
 
-def _measure_row(args, procs, scenario, proxy, url, script, connections) -> dict:
+def _measure_row(args, procs, scenario, proxy, target, script, connections) -> dict:
     """Warm up, then one measured wrk run; again (bounded) while other work shared the CPU."""
     best = None
     for attempt in range(args.retries + 1):
-        machine.wait_quiet(args.wait_quiet, SHARED_PCT / 2)
-        print(f"bench: {scenario.name} c={connections}: {args.warmup:g} s warm-up, "
-              f"{args.duration:g} s run" + (f" (retry {attempt})" if attempt else ""),
-              file=sys.stderr, flush=True)
-        target = url + scenario.path
+        machine.wait_quiet(args.wait_quiet)
+        report.progress(f"{scenario.name} c={connections}: {args.warmup:g} s warm-up, "
+                        f"{args.duration:g} s run" + (f" (retry {attempt})" if attempt else ""))
         if args.warmup:
             services.run_wrk(target, script, connections=connections, seconds=args.warmup)
-        ours = {os.getpid()} | {p.pid for p in procs.processes}
-        pid = proxy.process.pid if proxy else None
-        before = machine.cpu_sample(pid, ours)
-        raw = services.run_wrk(target, script, connections=connections, seconds=args.duration)
-        after = machine.cpu_sample(pid, ours)
-        row = _row(scenario, connections, raw, machine.cpu_use(before, after))
+        with machine.cpu_meter(proxy.process.pid if proxy else None, procs) as cpu:
+            raw = services.run_wrk(target, script, connections=connections,
+                                   seconds=args.duration)
+        row = _row(scenario, connections, raw, cpu)
         if best is None or row["others_cpu_pct"] < best["others_cpu_pct"]:
             best = row
-        if not _shared(best):
+        if not machine.shared(best):
             break
     if best["errors"]:
         script = services.write_wrk_script(os.path.dirname(script), scenario.name,
-                                           scenario.body, statuses=True,
-                                           headers=scenario.headers)
+                                           services.CHAT_BODY, headers=scenario.headers,
+                                           count=True)
         best["failure_sample"] = services.run_wrk(target, script, connections=connections,
-                                                  seconds=2)
-        print(f"bench: {scenario.name} c={connections} had {best['errors']} errors; statuses in"
-              f" a 2 s diagnostic run: {json.dumps(best['failure_sample'])}",
-              file=sys.stderr, flush=True)
+                                                  seconds=2)["statuses"]
+        report.progress(f"{scenario.name} c={connections} had {best['errors']} errors; statuses"
+                        f" in a 2 s diagnostic run: {best['failure_sample']}")
     return best
-
-
-def _check_answer(url, body, headers=None):
-    """One request before the load: the target must answer 200 with a chat completion."""
-    status, data = services.request(url, body, headers=headers)
-    if json.loads(data).get("object") != "chat.completion":
-        raise RuntimeError(f"{url} answered {status} without a chat.completion: {data[:200]!r}")
 
 
 def _row(scenario, connections, raw, cpu) -> dict:
@@ -235,12 +184,7 @@ def _row(scenario, connections, raw, cpu) -> dict:
             "rps": round(raw["requests"] / seconds, 1), "p50_ms": raw["p50_us"] / 1000,
             "p99_ms": raw["p99_us"] / 1000, "requests": raw["requests"],
             "non_2xx": raw["status"],  # wrk counts status >= 400 (no 1xx/3xx happen here)
-            "errors": sum(raw[k] for k in ("connect", "read", "write", "status", "timeout")),
-            **cpu, "raw": raw}
-
-
-def _shared(row) -> bool:
-    return row["others_cpu_pct"] + row["steal_pct"] > SHARED_PCT
+            "errors": services.wrk_errors(raw), **cpu, "raw": raw}
 
 
 def _rss_mb(pid) -> float:
@@ -269,50 +213,43 @@ def _summary(rows, memory) -> dict:
             "idle_rss_mb": memory.get("passthrough", memory.get("mock", {})).get("idle_rss_mb")}
 
 
-def render(report) -> str:
-    """The report as markdown: context, one row per run, memory, and the targets."""
-    m, s = report["machine"], report["settings"]
-    lines = [
-        f"# llm-proxy loopback benchmark, {report['date']}", "",
-        f"- machine: {machine.summary(m)}",
-        f"- tools: {m['wrk']}; {m['nginx']}",
-        f"- proxy code: {s['source']}",
-        f"- command: `{report['command']}` ({s['duration_s']:g} s runs after {s['warmup_s']:g} s"
-        f" warm-up; waitress threads {s['threads']}; proxy on core 0, nginx and wrk on core 1)",
-        "", "| scenario | path | conc. | req/s | p50 ms | p99 ms | non-2xx | errors | proxy CPU "
-        "| other processes CPU | steal |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in report["rows"]:
+def _targets(summary) -> list[dict]:
+    out = []
+    for label, key, op, limit, unit in TARGETS:
+        value = summary.get(key)
+        if value is None:
+            out.append({"target": label, "measured": "-", "limit": f"{op} {limit:,} {unit}",
+                        "result": "n/a (scenario not run)"})
+        else:
+            ok = value >= limit if op == ">=" else value <= limit
+            out.append(report.target(label, f"{value:,} {unit}", f"{op} {limit:,} {unit}", ok))
+    return out
+
+
+def render(rep) -> list[str]:
+    """One row per run, then the proxies' memory."""
+    s = rep["settings"]
+    lines = [f"- settings: {s['duration_s']:g} s runs after {s['warmup_s']:g} s warm-up; "
+             f"waitress threads {s['threads']}; proxy on core {services.PROXY_CORE}, nginx and "
+             f"wrk on core {services.LOAD_CORE}",
+             "", "| scenario | path | conc. | req/s | p50 ms | p99 ms | non-2xx | errors | "
+             "proxy CPU | other processes CPU | steal |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rep["rows"]:
         flag = " **FLAGGED: errors**" if r["errors"] else ""
-        flag += " *(shared)*" if _shared(r) else ""
+        flag += " *(shared)*" if machine.shared(r) else ""
         cpu = "-" if r["proxy_cpu_pct"] is None else f"{r['proxy_cpu_pct']:.0f}%"
         lines.append(f"| {r['scenario']}{flag} | {r['title']} | {r['connections']} | "
                      f"{r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['non_2xx']} |"
                      f" {r['errors']} | {cpu} | {r['others_cpu_pct']:.0f}% |"
                      f" {r['steal_pct']:.0f}% |")
-    for r in report["rows"]:
+    for r in rep["rows"]:
         for status, seen in r.get("failure_sample", {}).items():
             if seen["example"]:
                 lines.append(f"\n**FLAGGED** {r['scenario']} c{r['connections']}: in a 2 s "
                              f"diagnostic run, {seen['count']} x {status}: `{seen['example']}`")
-    if any(_shared(r) for r in report["rows"]):
-        lines += ["", f"*shared*: other processes (or the VM host, as steal) took over "
-                  f"{SHARED_PCT}% of a core during that run: its figures are low; rerun on a "
-                  "quiet machine."]
+    lines += report.shared_note(rep["rows"])
     lines += ["", "| proxy | idle RSS MB | RSS after load MB |", "| --- | ---: | ---: |"]
-    for name, mem in report["memory"].items():
+    for name, mem in rep["memory"].items():
         lines.append(f"| {name} | {mem['idle_rss_mb']} | {mem.get('loaded_rss_mb', '-')} |")
-    lines += ["", "| target | measured | limit | result |", "| --- | ---: | ---: | --- |"]
-    for label, key, op, limit, unit in TARGETS:
-        value = report["summary"].get(key)
-        if value is None:
-            verdict, shown = "n/a (scenario not run)", "-"
-        else:
-            ok = value >= limit if op == ">=" else value <= limit
-            verdict, shown = ("PASS" if ok else "MISS"), f"{value:,} {unit}"
-        lines.append(f"| {label} | {shown} | {op} {limit:,} {unit} | {verdict} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return lines

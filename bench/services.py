@@ -1,8 +1,10 @@
-"""The processes a benchmark run starts: nginx as the upstream, the proxy, and wrk as the load.
+"""The processes a benchmark starts (nginx and the other upstreams, the proxy, wrk) and the
+requests it sends itself.
 
 Every long-lived process is started in its own process group and registered with a
-``ProcessSet``, which ends the whole group on exit, error or Ctrl-C. Nothing outside the run's
-temporary directory is written.
+``ProcessSet``, which ends the whole group on exit, error or Ctrl-C (and Linux kills it with the
+benchmark, by ``PR_SET_PDEATHSIG``). Nothing outside the run's temporary directory is written,
+but the results.
 """
 
 from __future__ import annotations
@@ -22,62 +24,33 @@ from dataclasses import dataclass
 
 import yaml
 
+from bench.upstreams import CHAT_COMPLETION
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
-PROXY_CORE, LOAD_CORE = "0", "1"  # the proxy alone on core 0; nginx and wrk share core 1
-
-# A fixed OpenAI chat.completion body, served by nginx for every chat request.
-CHAT_COMPLETION = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
-    "model": "bench-model", "choices": [{
-        "index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
-        "logprobs": None, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}},
-    separators=(",", ":"))
-
-# path -> (content type, body): add a route here for a new upstream behaviour (e.g. SSE).
-UPSTREAM_ROUTES = {"/v1/chat/completions": ("application/json", CHAT_COMPLETION)}
-
-NGINX_CONF = """\
-worker_processes 1;
-master_process off;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    log_format status_only '$status';
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-{http_extra}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-{locations}
-    }}
-}}
-"""
+BENCH = os.path.join(REPO, "bench")
+RESULTS = os.path.join(BENCH, "results")
+# The proxy alone on the first core; nginx, the other upstreams and the load share the second.
+_CORES = sorted(os.sched_getaffinity(0))
+PROXY_CORE, LOAD_CORE = str(_CORES[0]), str(_CORES[1 if len(_CORES) > 1 else 0])
+PATH = "/v1/chat/completions"
+CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def missing_tools() -> list[str]:
-    """The external programs the benchmark needs that are not installed."""
-    return [tool for tool in ("nginx", "wrk", "taskset") if not which(tool)]
+def chat_body(model: str, prompt: str = "hello", stream: bool = False) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-def check_paths(parser, args) -> None:
-    """The options every benchmark shares: ``--source`` (made absolute; it must hold wsgi.py)
-    and, where the script has one, ``--output`` (a plain file name in bench/results)."""
-    output = getattr(args, "output", None)
-    if output is not None and not output.replace("-", "").replace("_", "").isalnum():
-        parser.error("--output takes a plain file name (letters, digits, - and _)")
-    args.source = os.path.abspath(args.source)
-    if not os.path.exists(os.path.join(args.source, "wsgi.py")):
-        parser.error(f"--source {args.source}: no wsgi.py there")
+def which(tool):
+    """The program's path; nginx lives in /usr/sbin, which a non-root PATH may lack."""
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+
+
+def missing_tools(tools) -> list[str]:
+    """Those of ``tools`` (nginx, wrk, taskset) that are not installed."""
+    return [tool for tool in tools if not which(tool)]
 
 
 def interrupt_on_signals() -> None:
@@ -91,9 +64,9 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def which(tool):
-    """The program's path; nginx lives in /usr/sbin, which a non-root PATH may lack."""
-    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+def output_path(value: str) -> str:
+    """``--output``: a plain name is a file name in bench/results; anything with a / a path."""
+    return os.path.abspath(value if os.sep in value else os.path.join(RESULTS, value))
 
 
 def write_result(path, text):
@@ -104,22 +77,10 @@ def write_result(path, text):
     os.replace(path + ".tmp", path)
 
 
-def write_results(name: str, text: str, data) -> None:
-    """``bench/results/<name>.md`` (the report) and ``<name>.json`` (its raw data)."""
-    write_result(os.path.join(RESULTS, name + ".md"), text)
-    write_result(os.path.join(RESULTS, name + ".json"), json.dumps(data, indent=2) + "\n")
-
-
-def sse_data(response, limit: int = 100_000):
-    """(time.perf_counter(), line) for each ``data:`` line of an SSE response, reading it to its
-    end so the connection can be reused; bounded by ``limit`` lines."""
-    for _ in range(limit):
-        line = response.readline()
-        if not line:
-            break
-        if line.startswith(b"data:"):
-            yield time.perf_counter(), line
-    response.read()
+def write_results(prefix: str, text: str, data) -> None:
+    """``<prefix>.md`` (the report) and ``<prefix>.json`` (its raw data)."""
+    write_result(prefix + ".md", text)
+    write_result(prefix + ".json", json.dumps(data, indent=2) + "\n")
 
 
 def free_port() -> int:
@@ -160,6 +121,10 @@ class ProcessSet:
         for process in reversed(list(self.processes)):
             self.stop(process)
 
+    def pids(self) -> set[int]:
+        """This process and every one started: what "other processes' CPU" leaves out."""
+        return {os.getpid()} | {p.pid for p in self.processes}
+
     def __enter__(self):
         return self
 
@@ -182,55 +147,137 @@ def _signal_group(process, sig):
         pass
 
 
-def start_nginx(procs: ProcessSet, tmp: str) -> str:
-    """nginx on a free loopback port, pinned to the load core; returns its base URL."""
+NGINX_CONF = """\
+worker_processes 1;
+master_process off;
+daemon off;
+pid {home}/nginx.pid;
+error_log {home}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format status_only '$status';
+    access_log off;
+    client_body_temp_path {home}/nginx-body;
+    proxy_temp_path {home}/nginx-proxy;
+    fastcgi_temp_path {home}/nginx-fastcgi;
+    uwsgi_temp_path {home}/nginx-uwsgi;
+    scgi_temp_path {home}/nginx-scgi;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+{http_extra}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /ready {{ return 200 'ready'; }}
+        location = /v1/chat/completions {{
+            default_type application/json;
+{log}            {chat}
+        }}
+    }}
+}}
+"""
+HEALTHY_CHAT = f"return 200 '{CHAT_COMPLETION}';"
+
+
+def start_nginx(procs: ProcessSet, tmp: str, name: str = "nginx", *, chat: str = HEALTHY_CHAT,
+                http_extra: str = "", calls_log: str | None = None) -> str:
+    """nginx (one worker, its own dir under ``tmp``) on a free loopback port, pinned to the load
+    core; ``chat`` is the body of its ``/v1/chat/completions`` location (by default a fixed
+    chat.completion; JSON is the default type). With ``calls_log`` every call there is logged as one line, its status.
+    Returns its base URL."""
+    home = os.path.join(tmp, name)
+    os.makedirs(home, exist_ok=True)
     port = free_port()
-    locations = "\n".join(
-        f"        location = {path} {{ default_type {ctype}; return 200 '{body}'; }}"
-        for path, (ctype, body) in UPSTREAM_ROUTES.items())
-    conf = os.path.join(tmp, "nginx.conf")
+    log = f"            access_log {calls_log} status_only;\n" if calls_log else ""
+    conf = os.path.join(home, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(tmp=tmp, port=port, locations=locations, http_extra=""))
-    process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", tmp, "-c", conf,
-                           "-e", os.path.join(tmp, "nginx-error.log")],
-                          log_path=os.path.join(tmp, "nginx.out"))
+        f.write(NGINX_CONF.format(home=home, port=port, chat=chat, http_extra=http_extra,
+                                  log=log))
+    error_log = os.path.join(home, "nginx-error.log")
+    process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", home, "-c", conf,
+                           "-e", error_log], log_path=os.path.join(home, "nginx.out"))
     url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + "/v1/chat/completions", os.path.join(tmp, "nginx-error.log"),
-               post=True)
+    wait_ready(process, url + "/ready", error_log)
     return url
+
+
+def start_upstream(procs: ProcessSet, tmp: str, module: str, *, lifetime: float) -> tuple[str, str]:
+    """``python -m bench.upstreams.<module> PORT LIFETIME`` pinned to the load core, once it
+    accepts connections. Returns (base URL, the path of its output)."""
+    port = free_port()
+    log_path = os.path.join(tmp, f"{module}.log")
+    process = procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-m",
+                           f"bench.upstreams.{module}", str(port), str(lifetime)],
+                          log_path=log_path, cwd=REPO)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return f"http://127.0.0.1:{port}", log_path
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"bench.upstreams.{module} on port {port} did not start "
+                       f"(exit code {process.poll()}):\n{_tail(log_path)}")
 
 
 @dataclass
 class Proxy:
     process: subprocess.Popen
     url: str
+    log: str
 
 
 def start_proxy(procs: ProcessSet, tmp: str, name: str, providers: list[dict], *, threads: int,
                 env: dict | None = None, config: dict | None = None, source: str = REPO) -> Proxy:
-    """``python wsgi.py`` (from ``source``) pinned to the proxy core, with a generated config,
-    ``threads`` waitress threads and warnings-only logging (``env`` may override both)."""
+    """``start_proxy_env`` with ``threads`` waitress threads and warnings-only logging (``env``
+    may override both) and ``providers`` added to ``config``."""
     return start_proxy_env(procs, tmp, name, {**(config or {}), "providers": providers},
                            env={"THREADS": str(threads), "LOG_LEVEL": "WARNING", **(env or {})},
                            source=source)
 
 
-def wait_ready(process, url, log_path, *, post=False, timeout=20.0):
+def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env: dict,
+                    source: str = REPO, cores: str = PROXY_CORE) -> Proxy:
+    """``python wsgi.py`` (from ``source``) pinned to ``cores`` with ``config`` as its YAML and
+    exactly the proxy settings in ``env`` (plus PROXY_CONFIG, HOST, PORT): the proxy's own
+    variables in this shell are not passed on, so a profile (ENVIRONMENT=production) keeps its
+    own values. Ready once ``/health/live`` answers."""
+    port = free_port()
+    config_path = os.path.join(tmp, f"proxy-{name}.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    from settings import ENV_VARS
+    proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
+                      "PYTHONUNBUFFERED": "1"})
+    proxy_env.update(env)
+    log_path = os.path.join(tmp, f"proxy-{name}.log")
+    process = procs.start(["taskset", "-c", cores, sys.executable, "wsgi.py"],
+                          log_path=log_path, env=proxy_env, cwd=source)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url + "/health/live", log_path)
+    return Proxy(process, url, log_path)
+
+
+def _tail(path, lines=10) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def wait_ready(process, url, log_path, *, timeout=20.0):
     """Poll ``url`` until it answers 200; fail with the process log's tail if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
-            request(url, {} if post else None, timeout=1.0)
+            request(url, timeout=1.0)
             return
         except (OSError, urllib.error.URLError):
             time.sleep(0.05)
-    tail = ""
-    if os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            tail = "".join(f.readlines()[-10:])
-    raise RuntimeError(f"{url} did not become ready (exit code {process.poll()}):\n{tail}")
+    raise RuntimeError(f"{url} did not become ready (exit code {process.poll()}):\n"
+                       f"{_tail(log_path)}")
 
 
 def request(url, body=None, timeout=5.0, headers=None) -> tuple[int, bytes]:
@@ -242,326 +289,72 @@ def request(url, body=None, timeout=5.0, headers=None) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-WRK_SCRIPT = """\
-wrk.method = "POST"
-wrk.body = [[{body}]]
-wrk.headers["Content-Type"] = "application/json"
-done = function(s, latency, requests)
-  io.write(string.format(
-    "BENCH_JSON {{\\"requests\\":%d,\\"duration_us\\":%d,\\"bytes\\":%d,\\"connect\\":%d," ..
-    "\\"read\\":%d,\\"write\\":%d,\\"status\\":%d,\\"timeout\\":%d,\\"p50_us\\":%d," ..
-    "\\"p90_us\\":%d,\\"p99_us\\":%d,\\"mean_us\\":%.1f,\\"max_us\\":%d}}\\n",
-    s.requests, s.duration, s.bytes, s.errors.connect, s.errors.read, s.errors.write,
-    s.errors.status, s.errors.timeout, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.mean, latency.max))
-end
-"""
+def check_answer(url, body=None, headers=None, timeout=5.0) -> None:
+    """One request before the load: ``url`` must answer 200 with a chat completion."""
+    status, data = request(url, body or CHAT_BODY, timeout=timeout, headers=headers)
+    if json.loads(data).get("object") != "chat.completion":
+        raise RuntimeError(f"{url} answered {status} without a chat.completion: {data[:200]!r}")
 
 
-# Counts answers by status, with one body of each failing status. Only for diagnosis: a Lua
-# response() callback slows wrk down, so measured runs do without it.
-WRK_STATUS_SCRIPT = """\
-wrk.method = "POST"
-wrk.body = [[{body}]]
-wrk.headers["Content-Type"] = "application/json"
-local threads = {{}}
-function setup(thread) table.insert(threads, thread) end
-function init(args) statuses = {{}}; examples = {{}} end
-function response(status, headers, body)
-  local k = tostring(status)
-  statuses[k] = (statuses[k] or 0) + 1
-  if status >= 300 and examples[k] == nil then examples[k] = string.sub(body, 1, 300) end
-end
-done = function(s, latency, requests)
-  for _, t in ipairs(threads) do
-    local examples = t:get("examples")
-    for k, n in pairs(t:get("statuses")) do
-      local example = string.gsub(examples[k] or "", "\\n", " ")
-      io.write("BENCH_STATUS " .. k .. " " .. n .. " " .. example .. "\\n")
-    end
-  end
-end
-"""
-
-
-def write_wrk_script(tmp: str, name: str, body: dict, *, statuses=False, headers=None) -> str:
-    path = os.path.join(tmp, f"wrk-{name}{'-statuses' if statuses else ''}.lua")
+def write_wrk_script(tmp: str, name: str, body: dict, *, headers=None, count=False) -> str:
+    """A wrk script POSTing ``body`` with ``headers``: ``bench/wrk/summary.lua`` prints the
+    figures as JSON; with ``count``, ``bench/wrk/count.lua`` also counts every answer by status
+    and provider (a response() hook, which slows wrk down)."""
+    lines = ['wrk.method = "POST"', f"wrk.body = [[{json.dumps(body, separators=(',', ':'))}]]",
+             *(f'wrk.headers["{k}"] = "{v}"' for k, v in
+               {"Content-Type": "application/json", **(headers or {})}.items())]
+    for part in ("count.lua", "summary.lua") if count else ("summary.lua",):
+        with open(os.path.join(BENCH, "wrk", part)) as f:
+            lines.append(f.read())
+    path = os.path.join(tmp, f"wrk-{name}{'-count' if count else ''}.lua")
     with open(path, "w") as f:
-        template = WRK_STATUS_SCRIPT if statuses else WRK_SCRIPT
-        f.write(template.format(body=json.dumps(body, separators=(",", ":"))))
-        for key, value in (headers or {}).items():
-            f.write(f'wrk.headers["{key}"] = "{value}"\n')
+        f.write("\n".join(lines))
     return path
 
 
-def run_wrk(url: str, script: str, *, connections: int, seconds: float) -> dict:
-    """One bounded wrk run (one thread, pinned to the load core); returns its raw numbers, or
-    {status: {count, example}} for a statuses script."""
+def run_wrk(url: str, script: str, *, connections: int, seconds: float,
+            timeout: str = "5s") -> dict:
+    """One bounded wrk run (one thread, pinned to the load core): its figures, plus
+    ``statuses``, ``answered_by`` and ``overloaded`` when the script counts answers."""
     argv = ["taskset", "-c", LOAD_CORE, which("wrk"), "-t1", f"-c{connections}",
-            f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency", "-s", script, url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
-    statuses = {}
+            f"-d{max(1, round(seconds))}s", "--timeout", timeout, "--latency", "-s", script, url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    raw, statuses, providers, overloaded = None, {}, {}, 0
     for line in done.stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
-        if line.startswith("BENCH_STATUS "):
-            _, status, count, *example = line.split(" ", 3)
+        kind, _, rest = line.partition(" ")
+        if kind == "BENCH_JSON":
+            raw = json.loads(rest)
+        elif kind == "BENCH_STATUS":
+            status, count, *example = rest.split(" ", 2)
             statuses[status] = {"count": int(count), "example": " ".join(example)}
+        elif kind == "BENCH_PROVIDER":
+            name, count = rest.rsplit(" ", 1)
+            providers[name] = providers.get(name, 0) + int(count)
+        elif kind == "BENCH_OVERLOADED":
+            overloaded += int(rest)
+    if raw is None:
+        raise RuntimeError(f"wrk gave no result (exit {done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()[-500:]}")
     if statuses:
-        return statuses
-    raise RuntimeError(f"wrk gave no result (exit {done.returncode}): "
-                       f"{(done.stderr or done.stdout).strip()[-500:]}")
+        raw.update(statuses=statuses, answered_by=providers, overloaded=overloaded)
+    return raw
 
 
-# -- helpers for bench/reliability.py: upstreams that fail on purpose, and counting calls ----
-
-# The chat location of ``start_nginx_custom``: ``{chat}`` inside, every call's status logged.
-CUSTOM_LOCATIONS = """\
-        location = /ready {{ access_log off; return 200 'ready'; }}
-        location = /v1/chat/completions {{
-            access_log {tmp}/access.log status_only;
-{chat}
-        }}"""
+def wrk_errors(raw: dict) -> int:
+    """Socket errors (connect, read, write, timeout) and, wrk's count, statuses >= 400."""
+    return sum(raw[k] for k in ("connect", "read", "write", "status", "timeout"))
 
 
-def start_nginx_custom(procs: ProcessSet, tmp: str, name: str, *, chat: str,
-                       http_extra: str = "") -> tuple[str, str]:
-    """An nginx of its own (own dir under ``tmp``, pinned to the load core) whose
-    ``/v1/chat/completions`` location body is ``chat``; every call to it is logged as one line
-    (its status) in the returned access log. Returns (base URL, access log path)."""
-    home = os.path.join(tmp, name)
-    os.makedirs(home, exist_ok=True)
-    port = free_port()
-    conf = os.path.join(home, "nginx.conf")
-    with open(conf, "w") as f:
-        locations = CUSTOM_LOCATIONS.format(tmp=home, chat=chat)
-        f.write(NGINX_CONF.format(tmp=home, port=port, locations=locations,
-                                  http_extra=http_extra))
-    process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", home, "-c", conf,
-                           "-e", os.path.join(home, "nginx-error.log")],
-                          log_path=os.path.join(home, "nginx.out"))
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + "/ready", os.path.join(home, "nginx-error.log"))
-    return url, os.path.join(home, "access.log")
-
-
-def status_counts(access_log: str) -> dict[str, int]:
-    """{status: calls} from a ``status_only`` access log (empty when nothing was logged)."""
-    counts: dict[str, int] = {}
-    if os.path.exists(access_log):
-        with open(access_log) as f:
-            for line in f:
-                status = line.strip()
-                if status:
-                    counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
-# A listener that accepts every connection, reads what comes and never answers: a provider that
-# hangs. It counts requests (one "R" line each in its log), keeps at most MAX open sockets
-# (closing the oldest), and exits by itself after LIFETIME seconds.
-HANG_LISTENER = r"""
-import selectors, socket, sys, time
-port, lifetime, limit = int(sys.argv[1]), float(sys.argv[2]), 2000
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", port))
-srv.listen(1024)
-srv.setblocking(False)
-sel = selectors.DefaultSelector()
-sel.register(srv, selectors.EVENT_READ)
-conns = []
-deadline = time.monotonic() + lifetime
-print("READY", flush=True)
-while time.monotonic() < deadline:
-    for key, _ in sel.select(timeout=0.5):
-        if key.fileobj is srv:
-            try:
-                conn, _ = srv.accept()
-            except BlockingIOError:
-                continue
-            conn.setblocking(False)
-            sel.register(conn, selectors.EVENT_READ)
-            conns.append(conn)
-            if len(conns) > limit:
-                old = conns.pop(0)
-                sel.unregister(old)
-                old.close()
-            continue
-        conn = key.fileobj
-        try:
-            data = conn.recv(65536)
-        except OSError:
-            data = b""
-        if data:
-            n = data.count(b"POST ")
-            if n:
-                sys.stdout.write("R\n" * n)
-                sys.stdout.flush()
-        else:
-            sel.unregister(conn)
-            conns.remove(conn)
-            conn.close()
-"""
-
-
-def start_hang_listener(procs: ProcessSet, tmp: str, name: str, lifetime: float) -> tuple[str, str]:
-    """A provider that accepts and never answers, pinned to the load core, gone after
-    ``lifetime`` s at the latest. Returns (base URL, log path whose "R" lines count calls)."""
-    port = free_port()
-    log_path = os.path.join(tmp, f"{name}.log")
-    process = procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-c", HANG_LISTENER,
-                           str(port), str(lifetime)], log_path=log_path)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError(f"hang listener on port {port} did not start")
-    return f"http://127.0.0.1:{port}", log_path
-
-
-def hang_calls(log_path: str) -> int:
-    """Requests the hang listener has received so far."""
-    with open(log_path) as f:
-        return sum(1 for line in f if line.strip() == "R")
-
-
-# -- helpers for bench/streaming.py and bench/soak.py ---------------------------------------
-
-# A streaming OpenAI-compatible upstream (asyncio, one process, keep-alive HTTP/1.1). POST
-# /v1/chat/completions answers the fixed CHAT_COMPLETION unless the body has "stream": true;
-# then N `chat.completion.chunk` events, DELAY ms apart, chunked transfer encoding, and
-# `data: [DONE]`. N and DELAY come from the model name `sse-<N>-<DELAY>` (the proxy passes the
-# model through untouched; default 5 chunks, no delay). With no delay every event is still its
-# own HTTP chunk, all written at once (what the proxy must relay is then only its own cost).
-# GET /ready answers 200. It exits by itself after LIFETIME seconds.
-SSE_UPSTREAM = r"""
-import asyncio, json, sys, time
-port, lifetime = int(sys.argv[1]), float(sys.argv[2])
-COMPLETION = sys.argv[3].encode()
-
-def event(i, n, model):
-    delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
-    body = json.dumps({"id": "chatcmpl-sse", "object": "chat.completion.chunk",
-                       "created": 1700000000, "model": model, "choices": [{
-                           "index": 0, "delta": delta, "logprobs": None,
-                           "finish_reason": "stop" if i == n - 1 else None}]},
-                      separators=(",", ":")).encode()
-    return frame(b"data: " + body + b"\n\n")
-
-def frame(data):
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n")
-TAIL = frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
-
-def plain(status, ctype, body):
-    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-            % (status, ctype, len(body))) + body
-
-def shape(model):
-    parts = model.split("-")
-    try:
-        return max(1, int(parts[1])), max(0.0, float(parts[2]) / 1000)
-    except (IndexError, ValueError):
-        return 5, 0.0
-
-async def handle(reader, writer):
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            method, path = lines[0].split(b" ")[:2]
-            length, close = 0, False
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"connection" and value.strip().lower() == b"close":
-                    close = True
-            body = await reader.readexactly(length) if length else b""
-            if path == b"/ready":
-                writer.write(plain(200, b"text/plain", b"ready"))
-            elif method == b"POST" and path == b"/v1/chat/completions":
-                try:
-                    req = json.loads(body or b"{}")
-                except ValueError:
-                    req = {}
-                if req.get("stream"):
-                    model = str(req.get("model", ""))
-                    n, delay = shape(model)
-                    if delay <= 0:
-                        writer.write(HEAD + b"".join(event(i, n, model) for i in range(n)) + TAIL)
-                    else:
-                        writer.write(HEAD + event(0, n, model))
-                        await writer.drain()
-                        start = time.monotonic()
-                        for i in range(1, n):
-                            await asyncio.sleep(max(0.0, start + i * delay - time.monotonic()))
-                            writer.write(event(i, n, model))
-                            await writer.drain()
-                        writer.write(TAIL)
-                else:
-                    writer.write(plain(200, b"application/json", COMPLETION))
-            else:
-                writer.write(plain(404, b"application/json", b'{"error":{"message":"no"}}'))
-            await writer.drain()
-            if close:
-                break
-    except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
-    print("READY", flush=True)
-    async with server:
-        await asyncio.sleep(lifetime)
-
-asyncio.run(main())
-"""
-
-
-def start_sse_upstream(procs: ProcessSet, tmp: str, name: str = "sse-upstream", *,
-                       lifetime: float = 3600.0) -> str:
-    """The asyncio SSE upstream (``SSE_UPSTREAM``) pinned to the load core; its base URL."""
-    port = free_port()
-    log_path = os.path.join(tmp, f"{name}.log")
-    process = procs.start(["taskset", "-c", LOAD_CORE, sys.executable, "-c", SSE_UPSTREAM,
-                           str(port), str(lifetime), CHAT_COMPLETION], log_path=log_path)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + "/ready", log_path)
-    return url
-
-
-def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env: dict,
-                    source: str = REPO, ready_path: str = "/health/live") -> Proxy:
-    """``python wsgi.py`` pinned to the proxy core with ``config`` as its YAML and exactly the
-    proxy settings in ``env`` (plus PROXY_CONFIG, PORT): unlike ``start_proxy`` it sets neither
-    THREADS nor LOG_LEVEL, so a profile (e.g. ENVIRONMENT=production) keeps its own values.
-    Readiness is polled on ``ready_path`` (no API key needed there)."""
-    port = free_port()
-    config_path = os.path.join(tmp, f"proxy-{name}.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    from settings import ENV_VARS
-    proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
-                      "PYTHONUNBUFFERED": "1"})
-    proxy_env.update(env)
-    log_path = os.path.join(tmp, f"proxy-{name}.log")
-    process = procs.start(["taskset", "-c", PROXY_CORE, sys.executable, "wsgi.py"],
-                          log_path=log_path, env=proxy_env, cwd=source)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(process, url + ready_path, log_path)
-    return Proxy(process, url)
+def sse_data(response, limit: int = 100_000):
+    """(time.perf_counter(), line) for each ``data:`` line of an SSE response, reading it to its
+    end so the connection can be reused; bounded by ``limit`` lines."""
+    for _ in range(limit):
+        line = response.readline()
+        if not line:
+            break
+        if line.startswith(b"data:"):
+            yield time.perf_counter(), line
+    response.read()
 
 
 def proc_counts(pid: int) -> dict:
@@ -575,3 +368,23 @@ def proc_counts(pid: int) -> dict:
                 threads = int(line.split()[1])
     return {"rss_mb": round(rss_kb / 1024, 2), "threads": threads,
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def proxy_log_facts(path) -> dict:
+    """What the proxy's log says besides access-log JSON: waitress "Task queue depth" warnings,
+    circuit breaker transitions, and the other lines (the first 20 kept)."""
+    queue, transitions, other, first = 0, [], 0, []
+    if os.path.exists(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith("{"):
+                    continue
+                other += 1
+                if len(first) < 20:
+                    first.append(line.rstrip()[:300])
+                if "Task queue depth" in line:
+                    queue += 1
+                if "circuit breaker" in line and "->" in line:
+                    transitions.append(line.split("circuit breaker", 1)[1].strip())
+    return {"queue_depth_warnings": queue, "breaker_transitions": transitions,
+            "other_lines": other, "first_other_lines": first}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what `make bench` needs, when missing: Debian's nginx (the upstream) and wrk (the load).
+# Install what `python -m bench` (`make bench`) needs, when missing: Debian's nginx (the
+# upstream), wrk (the load) and taskset.
 # Both come from Debian's own archive; nothing else is downloaded. The nginx package's service is
 # NOT started: the benchmark runs its own nginx on a loopback port with a generated config.
 set -euo pipefail
@@ -21,7 +22,6 @@ $SUDO apt-get update -qq
 for pkg in "${need[@]}"; do
   if ! apt-cache show "$pkg" >/dev/null 2>&1; then
     echo "bench/setup.sh: package $pkg is not in the apt sources" >&2
-    [ "$pkg" = wrk ] && echo "bench/setup.sh: the benchmark falls back to its built-in load generator" >&2
   fi
 done
 available=()

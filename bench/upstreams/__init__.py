@@ -1,0 +1,33 @@
+"""The upstreams a benchmark starts besides nginx, each a program of its own, started as
+``python -m bench.upstreams.<name> PORT LIFETIME``: it listens on 127.0.0.1:PORT, prints
+``READY`` and exits by itself after LIFETIME seconds (the benchmark also stops it).
+
+- ``sse``: a streaming OpenAI-compatible upstream (asyncio, keep-alive, chunked SSE);
+- ``hang``: accepts every connection, reads, never answers (a provider that hangs);
+- ``hostile``: answers by the model asked: a gzip bomb, a giant body, endless streams.
+"""
+
+import json
+import socket
+
+# The fixed OpenAI chat.completion body every healthy upstream answers (nginx included).
+CHAT_COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
+    "model": "bench-model", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+        "logprobs": None, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}},
+    separators=(",", ":"))
+
+
+def listener(port: int, backlog: int = 1024) -> socket.socket:
+    """A listening socket on 127.0.0.1:``port``."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(backlog)
+    return srv
+
+
+def ready() -> None:
+    print("READY", flush=True)

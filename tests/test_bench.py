@@ -1,0 +1,58 @@
+"""The benchmark still runs: ``python -m bench run --smoke`` (nginx, the real proxy, wrk; one
+1 s run) exits 0 and writes its report where --output says, never over bench/results.
+
+Skipped without nginx, wrk or taskset, except in CI (CI=true), where that fails: .ci/run
+installs them with bench/setup.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _tools_or_skip():
+    missing = [t for t in ("nginx", "wrk", "taskset")
+               if not (shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin"))]
+    if missing:
+        message = f"the benchmark needs {', '.join(missing)} (bash bench/setup.sh)"
+        if IN_CI:
+            pytest.fail(message + ": CI must provide it")
+        pytest.skip(message)
+
+
+def test_the_bench_smoke_run_measures_and_writes_its_report(tmp_path):
+    _tools_or_skip()
+    results = REPO / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    output = tmp_path / "out" / "smoke"
+    done = subprocess.run([sys.executable, "-m", "bench", "run", "--smoke", "--no-setup",
+                           "--output", str(output)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    [row] = report["rows"]
+    assert (row["scenario"], row["connections"]) == ("passthrough", 1)
+    assert row["requests"] > 0 and row["errors"] == 0
+    assert report["command"].startswith("python -m bench run --smoke")
+    text = output.with_suffix(".md").read_text()
+    assert "| passthrough" in text and text in done.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+
+
+def test_every_command_has_help():
+    done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for command in ("run", "streaming", "reliability", "soak", "scaleout", "hotpath",
+                    "hostile"):
+        assert command in done.stdout
