@@ -4,7 +4,7 @@
 import sys
 
 if __name__ == "__main__":
-    from app.workers import main
+    from app.runtime.workers import main
 
     sys.exit(main())
 

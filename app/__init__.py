@@ -8,7 +8,7 @@ import time
 
 from flask import Flask
 
-from app.metrics import NullMetrics
+from app.observability.metrics import NullMetrics
 
 from settings import Settings, SettingsError, load_settings
 
@@ -19,21 +19,21 @@ class LLMProxy:
     """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
 
     def __init__(self, settings: Settings, *, clock=time.monotonic):
-        from app.access_log import AccessLog
+        from app.observability.access_log import AccessLog
         from app.auth import KeyStore
-        from app.breakers import BreakerBoard
-        from app.bulkhead import Bulkhead
+        from app.pipeline.breakers import BreakerBoard
+        from app.pipeline.bulkhead import Bulkhead
         from app.cache import Coalescer, build_caches
-        from app.condense import Condensation, Condenser
-        from app.limits import RateLimiter
-        from app.memory import MemoryManager
-        from app.response_cache import ResponseCache
-        from app.shared import SharedState
-        from app.gateway import Gateway
+        from app.cache.condense import Condensation, Condenser
+        from app.pipeline.limits import RateLimiter
+        from app.runtime.memory import MemoryManager
+        from app.cache.responses import ResponseCache
+        from app.state import SharedState
+        from app.pipeline.gateway import Gateway
         from app.pipeline import Pipeline
         from app.providers import build_provider
         from app.providers.discovery import ModelDiscovery
-        from app.router import Router
+        from app.pipeline.router import Router
 
         self.settings = settings
         self.clock = clock
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Fla
     if serving:
         settings = _load_or_exit()
     from app import api
-    from app.metrics import ProxyMetrics
+    from app.observability.metrics import ProxyMetrics
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.server.max_request_body_mb * 1024 * 1024)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import redis
 from app import create_app
-from app.server import build_server
+from app.runtime.server import build_server
 from settings import build_settings
 from tests.upstream import FakeUpstream
 
@@ -59,7 +59,7 @@ def make_app():
 
 @contextlib.contextmanager
 def live_server(app, threads=8):
-    """Serve ``app`` on a free loopback port with the production server (app/server.py: its
+    """Serve ``app`` on a free loopback port with the production server (app/runtime/server.py: its
     options, poll loop and header-stage checks); yields the base URL."""
     server = build_server(app, host="127.0.0.1", port=0, threads=threads,
                           channel_request_lookahead=1, asyncore_loop_timeout=0.05)

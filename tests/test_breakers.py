@@ -10,7 +10,7 @@ import time
 import pybreaker
 import pytest
 
-from app.breakers import BreakerBoard, ProviderBreaker
+from app.pipeline.breakers import BreakerBoard, ProviderBreaker
 from settings import CircuitBreakerSettings
 
 TWO_STRIKES = CircuitBreakerSettings(failure_threshold=2, adaptive_thresholds=False)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from app.cache import ByteCache, Coalescer
-from app.condense import SUMMARY_PREFIX, TOOL_TEXT_LIMIT, Condenser, SummaryFailed
+from app.cache.condense import SUMMARY_PREFIX, TOOL_TEXT_LIMIT, Condenser, SummaryFailed
 from app.errors import ProxyError, UpstreamError
 from tests.conftest import FakeClock
 

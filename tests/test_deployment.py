@@ -540,7 +540,7 @@ def test_the_deployment_files_state_what_the_code_does():
     texts = {name: (ROOT / name).read_text()
              for name in ("Dockerfile", "docker-compose.yml", "docs/operations.md", "README.md")}
     for name, text in texts.items():
-        assert "not read by the proxy yet" not in text, f"{name}: REDIS_URL is read (app/shared.py)"
+        assert "not read by the proxy yet" not in text, f"{name}: REDIS_URL is read (app/state/__init__.py)"
         assert "ignores SIGTERM" not in text, f"{name}: the proxy handles SIGTERM"
     threads = re.findall(r"(\d+) threads", texts["Dockerfile"])
     assert threads == [str(PRODUCTION_PROFILE["server"]["threads"])], threads
@@ -775,5 +775,5 @@ def test_the_operations_doc_names_real_routes_and_metrics(exported):
                  "llm_proxy_workers"}
     assert metrics and metrics <= exported | histograms | elsewhere, \
         sorted(metrics - exported - histograms - elsewhere)
-    source = (ROOT / "app" / "metrics.py").read_text()
+    source = (ROOT / "app" / "observability" / "metrics.py").read_text()
     assert all(name.removesuffix("_total") in source for name in elsewhere)

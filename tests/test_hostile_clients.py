@@ -20,7 +20,7 @@ import psutil
 import pytest
 import requests
 
-from app.server import FD_MARGIN, raise_fd_limit
+from app.runtime.server import FD_MARGIN, raise_fd_limit
 from settings import build_settings
 from tests.conftest import live_server, provider
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import requests
 
-from app.replay import replay_events
+from app.cache.replay import replay_events
 from tests.conftest import live_server, provider
 from tests.upstream import Stream, chat_chunks
 

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from app.errors import UpstreamError, UpstreamTimeout
-from app.gateway import RequestContext
-from app.http_client import HttpClient
+from app.pipeline.gateway import RequestContext
+from app.upstream.client import HttpClient
 from app.upstream import retry_after_seconds
 from settings import HttpClientSettings
 from tests.conftest import provider

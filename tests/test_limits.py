@@ -11,7 +11,7 @@ from flask import Flask, jsonify, request
 from app.api import error_response
 from app.auth import Tenant
 from app.errors import ProxyError
-from app.limits import Decision, MemoryLimitStore, RateLimited, RateLimiter
+from app.pipeline.limits import Decision, MemoryLimitStore, RateLimited, RateLimiter
 from tests.conftest import FakeClock
 
 

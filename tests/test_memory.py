@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from app.cache import build_caches
-from app import leaks
-from app.memory import MB, MemoryManager, count_objects
+from app.runtime import leaks
+from app.runtime.memory import MB, MemoryManager, count_objects
 from settings import MemorySettings
 from tests.conftest import FakeClock
 

@@ -19,12 +19,12 @@ import time
 import pytest
 import redis
 
-from app.breakers import OPEN, BreakerBoard
+from app.pipeline.breakers import OPEN, BreakerBoard
 from app.cache import ByteCache
-from app.limits import MemoryLimitStore
-from app.redis_breakers import redis_breaker_storage
-from app.redis_limits import RedisLimitStore
-from app.redis_store import RedisByteCache, RedisGuard, connect, pack
+from app.pipeline.limits import MemoryLimitStore
+from app.state.breakers import redis_breaker_storage
+from app.state.limits import RedisLimitStore
+from app.state.store import RedisByteCache, RedisGuard, connect, pack
 from settings import CircuitBreakerSettings
 from tests.conftest import FakeClock
 

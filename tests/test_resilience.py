@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from app.router import Router
+from app.pipeline.router import Router
 from tests.conftest import FakeClock, live_server, provider
 from tests.upstream import Hang, Reply
 

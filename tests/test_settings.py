@@ -10,7 +10,7 @@ import pytest
 
 import settings as settings_module
 from app import create_app
-from app.memory import MemoryManager
+from app.runtime.memory import MemoryManager
 from settings import MemorySettings, SettingsError, build_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

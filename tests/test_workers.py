@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from app.supervision import SupervisorState
-from app.workers import Supervisor
+from app.runtime.supervision import SupervisorState
+from app.runtime.workers import Supervisor
 from tests.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
            "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING"}
     env.pop("WORKER_INDEX", None)
     out = open(tmp_path / "supervisor.log", "wb")
-    supervisor = subprocess.Popen([sys.executable, "-m", "app.workers"], cwd=REPO, env=env,
+    supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO, env=env,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         seen: set[int] = set()
@@ -210,7 +210,7 @@ def test_a_healthy_worker_keeps_serving_while_another_slot_crash_loops(tmp_path)
 
     def command(index):  # slot 0: a real worker; slot 1: one that dies as it starts
         if index == 0:
-            return subprocess.Popen([sys.executable, "-m", "app.workers"], cwd=REPO,
+            return subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO,
                                     env={**env, "WORKER_INDEX": "0"}, stdout=out,
                                     stderr=subprocess.STDOUT)
         return subprocess.Popen(["sh", "-c", "exit 3"])
@@ -254,7 +254,7 @@ def _get_text(port, path, timeout=2.0):
 def test_a_killed_workers_restart_shows_in_every_workers_metrics(tmp_path):
     port = _free_port()
     out = open(tmp_path / "supervisor.log", "wb")
-    supervisor = subprocess.Popen([sys.executable, "-m", "app.workers"], cwd=REPO,
+    supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO,
                                   env=_worker_env(tmp_path, port, WORKERS="2"), stdout=out,
                                   stderr=subprocess.STDOUT)
     try:

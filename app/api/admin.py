@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from flask import Blueprint, Response, request
 
-from app import leaks
+from app.runtime import leaks
 from app.api import proxy
 from app.auth import is_admin_key, presented_key
 from app.errors import AdminDisabled, AdminRefused, InvalidRequest, NotFound

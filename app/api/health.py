@@ -17,7 +17,7 @@ import orjson
 from flask import Blueprint, Response
 
 from app.api import proxy
-from app.http_client import combined_stats
+from app.upstream.client import combined_stats
 
 bp = Blueprint("health", __name__)
 

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.api import proxy
 from app.auth import is_admin_key, presented_key
 from app.errors import AuthError, NotFound
-from app.metrics import json_view
+from app.observability.metrics import json_view
 
 bp = Blueprint("metrics", __name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.http_client import HttpClient
+from app.upstream.client import HttpClient
 from app.providers.anthropic import AnthropicAdapter
 from app.providers.azure_openai import AzureOpenAIAdapter
 from app.providers.base import Call, ProviderAdapter, Reply

@@ -8,7 +8,7 @@ from datetime import datetime
 import orjson
 
 from app.errors import UpstreamError
-from app.replay import replay_events
+from app.cache.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
 KEY_REFUSED = frozenset((401, 403))

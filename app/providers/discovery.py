@@ -14,7 +14,7 @@ import logging
 import threading
 
 from app.errors import UpstreamError
-from app.router import is_pattern
+from app.pipeline.router import is_pattern
 
 log = logging.getLogger("llm_proxy.discovery")
 

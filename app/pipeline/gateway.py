@@ -17,7 +17,7 @@ import orjson
 
 from app.errors import (NoProviderAvailable, ProxyError, UpstreamClientError, UpstreamError,
                         UpstreamTimeout, sse_error_event)
-from app.metrics import NullMetrics
+from app.observability.metrics import NullMetrics
 from app.sse import KEEPALIVE
 
 log = logging.getLogger("llm_proxy.gateway")

@@ -11,8 +11,8 @@ from typing import Callable
 
 from redis.exceptions import NoScriptError
 
-from app.limits import MICROSECONDS, MemoryLimitStore, Take
-from app.redis_store import LOCAL, PREFIX, RedisGuard, locally
+from app.pipeline.limits import MICROSECONDS, MemoryLimitStore, Take
+from app.state.store import LOCAL, PREFIX, RedisGuard, locally
 
 # One decision, atomically: the bucket refilled to `t`, `cost` units spent if `need` are there
 # (need < 0: always), written back with an expiry at the time it would be full (no key = full).

@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from app.breakers import CLOSED, ProviderBreaker
+from app.pipeline.breakers import CLOSED, ProviderBreaker
 from app.cache import ByteCache, Entry, entry_size
 
 log = logging.getLogger("llm_proxy.redis")

@@ -15,7 +15,7 @@ heap's free pages back to the system (``heap_trim``, glibc's ``malloc_trim``).
 Freed memory does not always lower the RSS: CPython keeps its small-object arenas and glibc its
 heap until whole pages are free, so ``cleanup()`` reports the RSS before and after as measured.
 
-Leak detection (``app/leaks.py``): a snapshot records the RSS and the number of GC-tracked
+Leak detection (``app/runtime/leaks.py``): a snapshot records the RSS and the number of GC-tracked
 objects of each type; steady growth across ``leak_snapshots`` snapshots is a suspected leak.
 Bare ``str``/``bytes`` are not GC-tracked: their leak shows in the RSS and in their containers.
 
@@ -24,7 +24,7 @@ Costs (``timeit``, CPython 3.11, a busy 2-core machine): ``memory_info().rss`` a
 plus the trim (1-2 ms for a 30 MB heap, with the GIL released);
 one object-count snapshot 2-3 ms for ~37,000 objects (about 60 ns each), so snapshots run once
 per ``cleanup_interval`` (300 s), not every ``sample_interval``. tracemalloc cuts throughput
-about 4x with one frame: it runs only on demand (``app/leaks.py``, ``/debug/memory``).
+about 4x with one frame: it runs only on demand (``app/runtime/leaks.py``, ``/debug/memory``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import time
 from collections import deque
 from typing import Callable
 
-from app import malloc
-from app.leaks import count_objects, leak_report, no_leak, tracemalloc_stats
+from app.runtime import malloc
+from app.runtime.leaks import count_objects, leak_report, no_leak, tracemalloc_stats
 from settings import MemorySettings
 
 log = logging.getLogger("llm_proxy.memory")

@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_flask_exporter import PrometheusMetrics
 
-from app.http_client import combined_stats
-from app.server import REJECTION_REASONS
-from app.supervision import read_state
+from app.upstream.client import combined_stats
+from app.runtime.server import REJECTION_REASONS
+from app.runtime.supervision import read_state
 
 MAX_MODELS = 200
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -91,7 +91,7 @@ class ProxyMetrics:
             "(HIT, MISS, BYPASS, STALE)", ["result"], registry=r)
         self.rejected_requests = Counter(
             "llm_proxy_rejected_requests_total", "Requests the server refused or cut off before "
-            "the app saw them (app/server.py), by reason", ["reason"], registry=r)
+            "the app saw them (app/runtime/server.py), by reason", ["reason"], registry=r)
         for reason in REJECTION_REASONS:  # every series from 0, so rate() sees the first one
             self.rejected_requests.labels(reason)
         r.register(_StateCollector(llm_proxy))
@@ -219,7 +219,7 @@ class _StateCollector:
 
 class _SupervisorCollector:
     """Under ``WORKERS=N``: the supervisor's restart counts, read from the file it publishes
-    (app/supervision.py). Every worker reports the same figures (aggregate with ``max``, not
+    (app/runtime/supervision.py). Every worker reports the same figures (aggregate with ``max``, not
     ``sum``); a process that is not supervised reports none."""
 
     def collect(self):

@@ -1,5 +1,5 @@
 """The waitress server: its options, the poll loop, the file-descriptor limit, and the checks
-made at the header stage, before a request's body is read (its graceful stop: app/shutdown.py).
+made at the header stage, before a request's body is read (its graceful stop: app/runtime/shutdown.py).
 
 Why a header stage: waitress reads a whole request body (spilling past ``inbuf_overflow`` to a
 temp file) before the app sees the request, so a key check in a view comes after the upload

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 from app.cache import CacheSet
-from app.limits import MemoryLimitStore
-from app.redis_breakers import redis_breaker_storage
-from app.redis_limits import RedisLimitStore
-from app.redis_store import RedisByteCache, connect
+from app.pipeline.limits import MemoryLimitStore
+from app.state.breakers import redis_breaker_storage
+from app.state.limits import RedisLimitStore
+from app.state.store import RedisByteCache, connect
 
 
 class SharedState:

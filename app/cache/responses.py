@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from app.cache import request_key
 from app.errors import NoProviderAvailable, UpstreamError
 from app.providers import Reply
-from app.replay import StreamAssembler, replay_events
+from app.cache.replay import StreamAssembler, replay_events
 
 log = logging.getLogger("llm_proxy.response_cache")
 

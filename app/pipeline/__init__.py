@@ -8,10 +8,10 @@ The steps, in order:
                spends is charged when the answer ends (app/api: the after-request hook)
     cache      a fresh cached answer is the answer (HIT); identical requests in flight share
                one upstream call (coalesce); an answer is stored once complete; when every
-               provider fails, a stale answer may stand in (app/response_cache.py)
-    condense   an over-long chat is condensed before it is sent (app/condense.py)
+               provider fails, a stale answer may stand in (app/cache/responses.py)
+    condense   an over-long chat is condensed before it is sent (app/cache/condense.py)
     route      the gateway: candidates in order, breakers, bulkheads, retries, fallback
-               (app/gateway.py)
+               (app/pipeline/gateway.py)
     re-send    a chat the upstream refused as too long is condensed by force and sent once more
 """
 

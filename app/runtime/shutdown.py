@@ -10,7 +10,7 @@ import time
 
 from waitress import wasyncore
 
-from app.server import ACCEPT_BATCH, listeners
+from app.runtime.server import ACCEPT_BATCH, listeners
 
 log = logging.getLogger("llm_proxy.server")
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import pybreaker
 
-from app.redis_store import LOCAL, PREFIX, RedisGuard, locally
+from app.state.store import LOCAL, PREFIX, RedisGuard, locally
 
 
 class FallbackRedisStorage(pybreaker.CircuitRedisStorage):

@@ -1,6 +1,6 @@
 """Several waitress processes on one port (``WORKERS=N``), kept running by one supervisor.
 
-Each worker is a fresh interpreter (``python -m app.workers`` with ``WORKER_INDEX`` set) that
+Each worker is a fresh interpreter (``python -m app.runtime.workers`` with ``WORKER_INDEX`` set) that
 builds its own app and binds its own listening socket with ``SO_REUSEPORT``, so the kernel
 spreads new connections across the workers. Why not one socket bound by the parent and
 inherited: every worker's select loop would wake for each connection and the first to call
@@ -10,7 +10,7 @@ hashed across them. The cost: connections still queued on a worker's socket when
 reset, and the kernel does not know which worker is busy. Linux (3.9+) only.
 
 ``server.workers`` (``WORKERS``) 1, the default, serves in the current process with no
-supervisor. Either way SIGTERM and SIGINT drain: see ``app.shutdown.Drain``.
+supervisor. Either way SIGTERM and SIGINT drain: see ``app.runtime.shutdown.Drain``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from app.supervision import STATE_ENV, SupervisorState
+from app.runtime.supervision import STATE_ENV, SupervisorState
 
 log = logging.getLogger("llm_proxy.workers")
 
@@ -79,14 +79,14 @@ def _address(host: str, port) -> str:
 
 
 def serve_worker(app, *, reuse_port: bool = True) -> int:
-    """Serve ``app`` until SIGTERM/SIGINT, drain it (``app.shutdown.Drain``: in-flight requests
+    """Serve ``app`` until SIGTERM/SIGINT, drain it (``app.runtime.shutdown.Drain``: in-flight requests
     get ``server.shutdown_grace`` seconds), close it; the exit status: 0, or 2 when the address
     cannot be had (one line on stderr). On its own SO_REUSEPORT socket, or (``reuse_port=False``,
     a single process) on a plain one, so a second server started on the same port by mistake
-    fails instead of sharing it. The server is app/server.py's: the poll loop, the header-stage
+    fails instead of sharing it. The server is app/runtime/server.py's: the poll loop, the header-stage
     checks, and an open file limit raised to what the settings need."""
-    from app.server import build_server, raise_fd_limit
-    from app.shutdown import Drain
+    from app.runtime.server import build_server, raise_fd_limit
+    from app.runtime.shutdown import Drain
 
     proxy = app.extensions["llm_proxy"]
     server_settings = proxy.settings.server
@@ -285,13 +285,14 @@ STOP_MARGIN = 5.0  # seconds the supervisor waits past the workers' grace before
 
 
 def main() -> int:
-    """``python -m app.workers`` (and ``python wsgi.py``): a worker when ``WORKER_INDEX`` is
+    """``python -m app.runtime.workers`` (and ``python wsgi.py``): a worker when ``WORKER_INDEX`` is
     set; else ``server.workers`` of them under a supervisor, or this process alone when it is
     1. The exit status: 0 after a stop, 2 for a bad configuration or a taken address."""
     environ = dict(os.environ)
-    from app import configure_logging, create_app, malloc
+    from app import configure_logging, create_app
+    from app.runtime import malloc
 
-    # Before any thread starts (see app/malloc.py); glibc's own MALLOC_ARENA_MAX overrides.
+    # Before any thread starts (see app/runtime/malloc.py); glibc's own MALLOC_ARENA_MAX overrides.
     malloc.limit_arenas(1)
 
     if WORKER_INDEX in environ:
@@ -322,7 +323,7 @@ def supervise(settings, environ: dict) -> int:
     # The state file (restart counts for the workers' /metrics) goes when the supervisor stops.
     with probe, SupervisorState() as state:
         port = probe.getsockname()[1]
-        supervisor = Supervisor([sys.executable, "-m", "app.workers"], server.workers,
+        supervisor = Supervisor([sys.executable, "-m", "app.runtime.workers"], server.workers,
                                 env={**environ, "PORT": str(port)}, state=state,
                                 stop_timeout=server.shutdown_grace + STOP_MARGIN)
         log.warning("supervising %d workers on %s", supervisor.workers,
