@@ -78,8 +78,6 @@ def _proxy_headers(response):
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
     if ctx.admission is not None:
         headers.update(ctx.admission.headers())
-        if not response.is_streamed:
-            _end_admission(ctx)  # the answer is whole: free the slot, charge the tokens now
     path = request.path
     if not path.startswith("/metrics"):  # scrapes are not counted
         rule = request.url_rule.rule if request.url_rule is not None else "none"
@@ -93,17 +91,8 @@ def authenticate():
     g.ctx.tenant = proxy().keys.authenticate(request.headers)
 
 
-def _end_admission(ctx):
-    admission, ctx.admission = ctx.admission, None
-    tokens = (ctx.usage or {}).get("total_tokens")
-    spent = isinstance(tokens, int) and ctx.cache not in ("HIT", "STALE")  # hits cost nothing
-    admission.finish(tokens if spent else 0)
-
-
 def _finished(llm_proxy, ctx, method, path, rule, status, streamed):
     """After the last byte (of a stream too): the request's metrics and access log line."""
-    if ctx.admission is not None:
-        _end_admission(ctx)
     seconds = llm_proxy.clock() - ctx.started
     llm_proxy.metrics.http_request(method, rule, status, seconds)
     if path.startswith(_QUIET_PATHS):

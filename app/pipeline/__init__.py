@@ -4,8 +4,8 @@ A view parses its protocol into a ``Call`` and hands it here with the request's 
 gets back a whole ``Reply`` or an iterable of SSE events, and renders that in its protocol.
 The steps, in order:
 
-    admit      the key may use this model (403); its rate limits admit it (429); what it
-               spends is charged when the answer ends (app/api: the after-request hook)
+    admit      the key may use this model (403); its rate limits admit it (429); the tokens
+               it spent are charged when the answer ends, a stream's when it is closed
     cache      a fresh cached answer is the answer (HIT); identical requests in flight share
                one upstream call (coalesce); an answer is stored once complete; when every
                provider fails, a stale answer may stand in (app/cache/responses.py)
@@ -33,15 +33,23 @@ class Pipeline:
 
     def complete(self, call, ctx, cache_control: str = ""):
         """A whole answer (``Reply``)."""
-        policy = self._admit(call, ctx, cache_control)
-        send = partial(self._route, self.gateway.complete, call, ctx)
-        return self.responses.complete(call, ctx, policy, send)
+        try:
+            policy = self._admit(call, ctx, cache_control)
+            send = partial(self._route, self.gateway.complete, call, ctx)
+            return self.responses.complete(call, ctx, policy, send)
+        finally:
+            _settle(ctx)
 
     def stream(self, call, ctx, cache_control: str = ""):
         """An iterable of SSE events; it fails before its first event when it fails early."""
-        policy = self._admit(call, ctx, cache_control)
-        open_stream = partial(self._route, self.gateway.stream, call, ctx)
-        return self.responses.stream(call, ctx, policy, open_stream)
+        try:
+            policy = self._admit(call, ctx, cache_control)
+            open_stream = partial(self._route, self.gateway.stream, call, ctx)
+            events = self.responses.stream(call, ctx, policy, open_stream)
+        except BaseException:
+            _settle(ctx)
+            raise
+        return SettledStream(events, partial(_settle, ctx))
 
     def _admit(self, call, ctx, cache_control: str):
         """The key's model allow-list and rate limits; the request's cache policy."""
@@ -58,3 +66,35 @@ class Pipeline:
             return route(call, ctx)
         except UpstreamClientError as e:
             return route(self.condensation.retried(call, ctx, e), ctx)
+
+
+class SettledStream:
+    """A stream's events; once it ends, or is closed (even unstarted), ``settle()`` runs."""
+
+    def __init__(self, events, settle):
+        self._events = iter(events)
+        self._close = getattr(events, "close", None)
+        self._settle = settle
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._events)
+
+    def close(self):
+        try:
+            if self._close is not None:
+                self._close()
+        finally:
+            self._settle()
+
+
+def _settle(ctx) -> None:
+    """The end of the admit step: charge the tokens the answer used (a cached answer costs
+    none) and free the key's in-flight slot. Admission.finish runs once, whoever calls it."""
+    if ctx.admission is None:
+        return  # refused before admission (403)
+    tokens = (ctx.usage or {}).get("total_tokens")
+    spent = isinstance(tokens, int) and ctx.cache not in ("HIT", "STALE")
+    ctx.admission.finish(tokens if spent else 0)

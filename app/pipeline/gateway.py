@@ -42,7 +42,6 @@ class RequestContext:
     condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
     model: str = ""  # the model the client asked for
     usage: dict | None = None  # the upstream's token counts
-    may_retry: bool = True  # retries only where no other provider is left to fall back to
     tenant: object = None  # the API key's tenant (app.auth.Tenant)
     admission: object = None  # its rate-limit admission, released when the answer ends
 
@@ -66,10 +65,10 @@ class Gateway:
         self._admit_request()
         try:
             failures, unavailable = [], []
-            for adapter, model in self._attempts(call, ctx, unavailable):
+            for adapter, model, retry in self._attempts(call, unavailable):
                 outcome, started = NEUTRAL, self.clock()
                 try:
-                    reply = adapter.send(call, model, ctx)
+                    reply = adapter.send(call, model, ctx, retry=retry)
                     outcome = SUCCESS
                     ctx.provider, ctx.usage = adapter.name, reply.usage
                     return reply
@@ -105,10 +104,10 @@ class Gateway:
 
     def _open_stream(self, call, ctx):
         failures, unavailable = [], []
-        for adapter, model in self._attempts(call, ctx, unavailable):
+        for adapter, model, retry in self._attempts(call, unavailable):
             events, started = None, self.clock()
             try:
-                events = adapter.stream(call, model, ctx)
+                events = adapter.stream(call, model, ctx, retry=retry)
                 first = self._first_event(events, started)
             except StopIteration:
                 error = UpstreamError(f"provider {adapter.name} sent an empty stream",
@@ -139,15 +138,15 @@ class Gateway:
             event = next(events)
         return event
 
-    def _attempts(self, call, ctx, unavailable):
-        """The candidates that may be tried now, in order, each holding its slots; the ones
-        skipped are noted in ``unavailable``. Only the last candidate may retry in place."""
+    def _attempts(self, call, unavailable):
+        """(adapter, model, retry) for the candidates that may be tried now, in order, each
+        holding its slots; the ones skipped are noted in ``unavailable``. ``retry``: only the
+        last candidate may retry in place (with another left, falling back beats waiting)."""
         candidates = self.router.candidates(call.body["model"], call.endpoint)
         last = candidates[-1][0]
         for adapter, model in candidates:
             if self._acquire(adapter, unavailable):
-                ctx.may_retry = adapter is last
-                yield adapter, model
+                yield adapter, model, adapter is last
 
     def _end_stream(self, adapter, outcome, latency):
         self._settle(adapter, outcome, latency)

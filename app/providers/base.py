@@ -50,11 +50,11 @@ class ProviderAdapter:
         self.name = settings.name
         self.http = http
 
-    def send(self, call: Call, model: str, ctx) -> Reply:
+    def send(self, call: Call, model: str, ctx, *, retry: bool = True) -> Reply:
         """The whole answer; ``model`` is the provider's own name for the requested model."""
         raise NotImplementedError
 
-    def stream(self, call: Call, model: str, ctx):
+    def stream(self, call: Call, model: str, ctx, *, retry: bool = True):
         """An iterator of OpenAI SSE events; it fails before its first event if it fails early."""
         raise NotImplementedError
 

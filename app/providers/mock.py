@@ -26,7 +26,7 @@ class MockAdapter(ProviderAdapter):
     def missing_key(self) -> str:
         return ""  # no network, no key
 
-    def send(self, call, model, ctx) -> Reply:
+    def send(self, call, model, ctx, *, retry=True) -> Reply:
         ctx.attempts += 1
         self._wait(self.settings.latency_ms)
         if call.endpoint == "embeddings":
@@ -49,7 +49,7 @@ class MockAdapter(ProviderAdapter):
                     "usage": usage}
         return Reply(orjson.dumps(body), usage=usage)
 
-    def stream(self, call, model, ctx):
+    def stream(self, call, model, ctx, *, retry=True):
         ctx.attempts += 1
         return self._stream(call, model)
 

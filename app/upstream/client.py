@@ -81,7 +81,8 @@ class HttpClient:
         self._adapter = self.session.get_adapter("https://")
         self._headers = dict(self.session.headers)
 
-    def post(self, url, body: bytes, headers: dict, ctx, *, stream=False) -> UpstreamResponse:
+    def post(self, url, body: bytes, headers: dict, ctx, *, stream=False,
+             retry=True) -> UpstreamResponse:
         """POST with retries; the final answer (any status but a redirect) or UpstreamError.
 
         The body of a whole answer is read here, within ``max_response_mb`` and the request's
@@ -92,7 +93,7 @@ class HttpClient:
         if stream:  # relay bytes as they come: no compression to undo
             headers = {**headers, "Accept-Encoding": "identity"}
         # With another provider left to try, falling back beats waiting to retry this one.
-        attempts = self.settings.retry_attempts + 1 if ctx.may_retry else 1
+        attempts = self.settings.retry_attempts + 1 if retry else 1
         for attempt in range(attempts):
             remaining = ctx.deadline - self._clock()
             if remaining <= 0:
@@ -117,7 +118,7 @@ class HttpClient:
             except requests.RequestException as e:
                 error = failed_request(e, self.provider)
                 self._finish(ctx, started, failed=True)
-                delay = self._can_retry(attempt, ctx, None) if error.retryable else None
+                delay = self._can_retry(attempt, attempts, ctx, None) if error.retryable else None
                 if delay is None:
                     raise error from None
                 self._sleep(delay)
@@ -128,7 +129,7 @@ class HttpClient:
             failed = status >= 500 or status == 429
             self._finish(ctx, started, failed)
             if status in RETRY_STATUSES:
-                delay = self._can_retry(attempt, ctx, answer)
+                delay = self._can_retry(attempt, attempts, ctx, answer)
                 if delay is not None:
                     answer.close()
                     self._sleep(delay)
@@ -185,9 +186,9 @@ class HttpClient:
         ctx.upstream_seconds += now - started
         self.stats.record(now - started, failed)
 
-    def _can_retry(self, attempt, ctx, response):
+    def _can_retry(self, attempt, attempts, ctx, response):
         """The delay before the next attempt, or None when no attempt is left in time."""
-        if attempt >= self.settings.retry_attempts or not ctx.may_retry:
+        if attempt >= attempts - 1:
             return None
         s = self.settings
         delay = min(s.backoff_max, s.backoff_base * (2 ** attempt)) * (0.5 + self._jitter() / 2)
