@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 
 import pytest
@@ -82,6 +83,17 @@ def live_server(app, threads=8):
         except OSError:  # its pipe's fd was closed under it (seen 1 run in 15): close from here
             close_all()
         thread.join(timeout=5)
+
+
+def wait_for_calls(upstream, n, timeout=5.0):
+    """Until the fake upstream has seen ``n`` calls; past ``timeout`` seconds the test fails
+    (its hanging calls released first) instead of waiting forever."""
+    deadline = time.monotonic() + timeout
+    while upstream.calls < n:
+        if time.monotonic() > deadline:
+            upstream.stopping.set()
+            pytest.fail(f"the upstream saw {upstream.calls} of {n} calls in {timeout} s")
+        time.sleep(0.01)
 
 
 class FakeClock:

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from app.pipeline.router import Router
-from tests.conftest import FakeClock, live_server, provider
+from tests.conftest import FakeClock, live_server, provider, wait_for_calls
 from tests.upstream import Hang, Reply
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -22,17 +22,6 @@ def post(app, body=CHAT, **kw):
 def breaker(app, name):
     providers = app.test_client().get("/providers").json["providers"]
     return next(p for p in providers if p["name"] == name)["circuit_breaker"]
-
-
-def wait_for_calls(upstream, n, timeout=5.0):
-    """Until the fake upstream has seen ``n`` calls; past ``timeout`` seconds the test fails
-    (its hanging calls released first) instead of waiting forever."""
-    deadline = time.monotonic() + timeout
-    while upstream.calls < n:
-        if time.monotonic() > deadline:
-            upstream.stopping.set()
-            pytest.fail(f"the upstream saw {upstream.calls} of {n} calls in {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.fixture

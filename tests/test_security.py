@@ -3,7 +3,6 @@
 import concurrent.futures
 import hashlib
 import json
-import time
 
 import pytest
 import requests
@@ -11,7 +10,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from app.validation import MAX_DEPTH
 from tests.anthropic_upstream import anthropic_answer
-from tests.conftest import FakeClock, live_server, provider
+from tests.conftest import FakeClock, live_server, provider, wait_for_calls
 from tests.upstream import FakeUpstream, Hang, Reply, chat_completion
 
 KEY_A, KEY_B, ADMIN = "sk-alpha-0123456789abcdef", "sk-bravo-0123456789abcdef", "admin-key-xyz-123"
@@ -24,17 +23,6 @@ def sha(key):
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
-
-
-def wait_for_calls(upstream, n, timeout=5.0):
-    """Until the fake upstream has seen ``n`` calls; past ``timeout`` seconds the test fails
-    (its hanging calls released first) instead of waiting forever."""
-    deadline = time.monotonic() + timeout
-    while upstream.calls < n:
-        if time.monotonic() > deadline:
-            upstream.stopping.set()
-            pytest.fail(f"the upstream saw {upstream.calls} of {n} calls in {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.fixture

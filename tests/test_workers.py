@@ -49,6 +49,16 @@ def _pid(port):
     return body["system"]["pid"] if status == 200 else None
 
 
+def _both_running(port):
+    """The supervisor's two worker slots from a worker's JSON metrics, once both run."""
+    try:
+        status, body = _get_json(port, "/metrics?format=json")
+    except (OSError, http.client.HTTPException):
+        return None
+    slots = body.get("supervisor", {}).get("workers", [])
+    return slots if [s["state"] for s in slots] == ["running", "running"] else None
+
+
 def _wait_for(predicate, timeout, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -259,12 +269,7 @@ def test_a_killed_workers_restart_shows_in_every_workers_metrics(tmp_path):
                                   stderr=subprocess.STDOUT)
     try:
         def supervised():
-            try:
-                status, body = _get_json(port, "/metrics?format=json")
-            except (OSError, http.client.HTTPException):
-                return None
-            slots = body.get("supervisor", {}).get("workers", [])
-            return slots if [s["state"] for s in slots] == ["running", "running"] else None
+            return _both_running(port)
 
         slots = _wait_for(supervised, 30)
         assert slots, (tmp_path / "supervisor.log").read_text()
@@ -355,12 +360,7 @@ def test_workers_in_the_config_file_run_that_many_processes_under_a_supervisor(t
                                   stderr=subprocess.STDOUT)
     try:
         def supervised():
-            try:
-                status, body = _get_json(port, "/metrics?format=json")
-            except (OSError, http.client.HTTPException):
-                return None
-            slots = body.get("supervisor", {}).get("workers", [])
-            return [s["state"] for s in slots] == ["running", "running"]
+            return _both_running(port) is not None
 
         assert _wait_for(supervised, 30), (tmp_path / "supervisor.log").read_text()
         assert len(psutil.Process(supervisor.pid).children()) == 2
