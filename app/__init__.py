@@ -8,8 +8,23 @@ import time
 
 from flask import Flask
 
-from app.observability.metrics import NullMetrics
-
+from app import api
+from app.auth import KeyStore
+from app.cache import Coalescer, build_caches
+from app.cache.condense import Condensation, Condenser
+from app.cache.responses import ResponseCache
+from app.observability.access_log import AccessLog
+from app.observability.metrics import NullMetrics, ProxyMetrics
+from app.pipeline import Pipeline
+from app.pipeline.breakers import BreakerBoard
+from app.pipeline.bulkhead import Bulkhead
+from app.pipeline.gateway import Gateway
+from app.pipeline.limits import RateLimiter
+from app.pipeline.router import Router
+from app.providers import build_provider
+from app.providers.discovery import ModelDiscovery
+from app.runtime.memory import MemoryManager
+from app.state import SharedState
 from settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("llm_proxy")
@@ -19,22 +34,6 @@ class LLMProxy:
     """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
 
     def __init__(self, settings: Settings, *, clock=time.monotonic):
-        from app.observability.access_log import AccessLog
-        from app.auth import KeyStore
-        from app.pipeline.breakers import BreakerBoard
-        from app.pipeline.bulkhead import Bulkhead
-        from app.cache import Coalescer, build_caches
-        from app.cache.condense import Condensation, Condenser
-        from app.pipeline.limits import RateLimiter
-        from app.runtime.memory import MemoryManager
-        from app.cache.responses import ResponseCache
-        from app.state import SharedState
-        from app.pipeline.gateway import Gateway
-        from app.pipeline import Pipeline
-        from app.providers import build_provider
-        from app.providers.discovery import ModelDiscovery
-        from app.pipeline.router import Router
-
         self.settings = settings
         self.clock = clock
         self.started_at = time.time()
@@ -110,8 +109,6 @@ def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Fla
     serving = settings is None  # built from the environment: a real server is starting
     if serving:
         settings = _load_or_exit()
-    from app import api
-    from app.observability.metrics import ProxyMetrics
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.server.max_request_body_mb * 1024 * 1024)
