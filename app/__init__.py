@@ -10,8 +10,8 @@ from flask import Flask
 
 from app import api
 from app.auth import KeyStore
-from app.cache import Coalescer, build_caches
-from app.cache.condense import Condensation, Condenser
+from app.cache import Coalescer, caches_for
+from app.cache.condense import Condensation
 from app.cache.responses import ResponseCache
 from app.observability.access_log import AccessLog
 from app.observability.metrics import NullMetrics, ProxyMetrics
@@ -60,19 +60,12 @@ class LLMProxy:
                                keepalive_interval=settings.streaming.keepalive_interval)
         c = settings.cache
         # In-process caches; with Redis they are the small fallback behind the shared ones.
-        local_caches = build_caches(
-            max_memory_mb=settings.redis.local_fallback_mb if self.shared else c.max_memory_mb,
-            response_size=c.response_cache_size,
-            response_ttl=c.response_cache_ttl, summary_size=c.summary_cache_size,
-            summary_ttl=c.summary_cache_ttl, stale_ttl=c.stale_ttl, clock=clock)
+        local_caches = caches_for(c, clock=clock, max_memory_mb=settings.redis.local_fallback_mb
+                                  if self.shared else None)
         self.caches = (self.shared.caches(local_caches, c, clock=clock) if self.shared
                        else local_caches)
-        d = settings.condense
-        condenser = Condenser(self.caches.summary, threshold_tokens=d.threshold_tokens,
-                              keep_last=d.keep_last, summary_max_tokens=d.summary_max_tokens,
-                              fallback=d.fallback, step=d.step, coalescer=Coalescer(clock=clock))
-        self.condensation = Condensation(condenser, self.gateway, summary_model=d.summary_model,
-                                         enabled=d.enabled)
+        self.condensation = Condensation.from_settings(
+            settings.condense, self.caches.summary, self.gateway, coalescer=Coalescer(clock=clock))
         # this process's memory: never the shared caches
         self.memory = MemoryManager(local_caches, settings.memory_manager, clock=clock)
         self.keys = KeyStore.from_keys(settings.auth.client_keys())

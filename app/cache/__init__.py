@@ -247,6 +247,17 @@ class CacheSet:
         return self.response.expire() + self.summary.expire()
 
 
+def caches_for(settings, *, max_memory_mb: float | None = None,
+               clock=time.monotonic) -> CacheSet:
+    """Both caches from the ``cache`` settings section; ``max_memory_mb`` overrides its budget
+    (the small local fallback behind Redis)."""
+    return build_caches(
+        max_memory_mb=settings.max_memory_mb if max_memory_mb is None else max_memory_mb,
+        response_size=settings.response_cache_size, response_ttl=settings.response_cache_ttl,
+        summary_size=settings.summary_cache_size, summary_ttl=settings.summary_cache_ttl,
+        stale_ttl=settings.stale_ttl, clock=clock)
+
+
 def build_caches(max_memory_mb=512, response_size=10000, response_ttl=1800, summary_size=2000,
                  summary_ttl=3600, stale_ttl=0.0, clock=time.monotonic,
                  response_share=0.8) -> CacheSet:

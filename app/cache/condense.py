@@ -347,6 +347,16 @@ class Condensation:
         self.summary_model = summary_model
         self.enabled = enabled
 
+    @classmethod
+    def from_settings(cls, settings, summary_cache, gateway, *, coalescer=None):
+        """Condensation as the ``condense`` settings section describes it."""
+        condenser = Condenser(summary_cache, threshold_tokens=settings.threshold_tokens,
+                              keep_last=settings.keep_last, step=settings.step,
+                              summary_max_tokens=settings.summary_max_tokens,
+                              fallback=settings.fallback, coalescer=coalescer)
+        return cls(condenser, gateway, summary_model=settings.summary_model,
+                   enabled=settings.enabled)
+
     def prepared(self, call, ctx):
         """The call as it goes upstream: condensed when it is a chat over the threshold."""
         if not self.enabled or call.endpoint != "chat" or not self.condenser.needed(call.body):
