@@ -5,7 +5,7 @@ import time
 import pytest
 
 from app.errors import UpstreamError, UpstreamTimeout
-from app.pipeline.gateway import RequestContext
+from app.pipeline import RequestContext
 from app.upstream.client import HttpClient
 from app.upstream import retry_after_seconds
 from settings import HttpClientSettings

@@ -6,7 +6,7 @@ import json
 import pytest
 import requests
 
-from app.pipeline.gateway import RequestContext
+from app.pipeline import RequestContext
 from app.providers import Call, Reply as WholeAnswer
 from tests.conftest import FakeClock, live_server, provider
 from tests.upstream import Reply, Stream, chat_chunks, chat_completion

@@ -11,7 +11,7 @@ from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app.errors import PayloadTooLarge, ProxyError, error_body
-from app.pipeline.gateway import RequestContext
+from app.pipeline import RequestContext
 
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

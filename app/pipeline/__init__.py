@@ -17,9 +17,40 @@ The steps, in order:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 from app.errors import UpstreamClientError
+
+if TYPE_CHECKING:  # types only: the pipeline's steps import nothing of each other here
+    from app.auth import Tenant
+    from app.cache import Entry
+    from app.pipeline.limits import Admission
+
+
+@dataclass
+class RequestContext:
+    """One client request while it is served: what the view knew when it began (id, clock,
+    deadline, the tenant of its key, how to ask whether the client left), and what the steps
+    found (the model, the admission, the cache's verdict, the provider that answered, the
+    attempts, the time upstream, the usage) for the headers, the access log and the metrics."""
+    request_id: str
+    started: float
+    deadline: float
+    client_disconnected: Callable[[], bool] = field(default=lambda: False)
+    tenant: Tenant | None = None  # the API key's tenant
+    model: str = ""  # the model the client asked for
+    admission: Admission | None = None  # its rate-limit admission, settled when the answer ends
+    cache: str = ""  # HIT, MISS, BYPASS, STALE (X-Cache)
+    cache_age: float | None = None
+    cached: Entry | None = None  # the cache entry served
+    coalesced: bool = False
+    condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
+    provider: str = ""
+    attempts: int = 0
+    upstream_seconds: float = 0.0
+    usage: dict | None = None  # the upstream's token counts
 
 
 class Pipeline:

@@ -11,7 +11,6 @@ import collections
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 import orjson
 
@@ -23,27 +22,6 @@ from app.sse import KEEPALIVE
 log = logging.getLogger("llm_proxy.gateway")
 
 SUCCESS, NEUTRAL = "success", "neutral"  # outcomes; a failure is the UpstreamError itself
-
-
-@dataclass
-class RequestContext:
-    """What the proxy knows about one client request while it is served."""
-    request_id: str
-    started: float
-    deadline: float
-    attempts: int = 0
-    upstream_seconds: float = 0.0
-    provider: str = ""
-    client_disconnected: object = field(default=lambda: False)
-    cache: str = ""  # HIT, MISS, BYPASS, STALE (X-Cache)
-    cache_age: float | None = None
-    cached: object = None  # the cache Entry served
-    coalesced: bool = False
-    condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
-    model: str = ""  # the model the client asked for
-    usage: dict | None = None  # the upstream's token counts
-    tenant: object = None  # the API key's tenant (app.auth.Tenant)
-    admission: object = None  # its rate-limit admission, released when the answer ends
 
 
 class Gateway:
