@@ -15,10 +15,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from settings import ENV_VARS, PRODUCTION_PROFILE, build_settings, load_settings
+from tests.processes import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -58,43 +57,9 @@ def tool(name: str) -> str:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, timeout: float = 2.0):
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.status, response.read()
-
-
-def wait_for(check, what: str, timeout: float = WAIT, interval: float = 0.1):
-    """Poll ``check()`` until it returns something truthy; fail naming ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            result, last_error = None, e
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
-
-
-def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> float:
-    """Send ``sig``, then kill if needed; returns the seconds the process took to exit."""
-    started = time.monotonic()
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-    return time.monotonic() - started
 
 
 def restore_sigint():

@@ -23,6 +23,7 @@ import requests
 from app.runtime.server import FD_MARGIN, raise_fd_limit
 from settings import build_settings
 from tests.conftest import live_server, provider
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY, OTHER = "sk-hostile-0123456789abcdef", "sk-unknown-0123456789abcdef"
@@ -420,12 +421,6 @@ def typical_open_file_limit():
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def live(url, seconds):
     """GET /health/live until it answers 200, for at most ``seconds``; the seconds it took."""
     started = time.monotonic()
@@ -518,9 +513,4 @@ def test_3000_slowloris_connections_leave_the_proxy_alive_and_serving_once_they_
         finally:
             for sock in socks:
                 sock.close()
-            proxy.terminate()
-            try:
-                proxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait(timeout=5)
+            stop(proxy)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from app.state.limits import RedisLimitStore
 from app.state.store import RedisByteCache, RedisGuard, connect, pack
 from settings import CircuitBreakerSettings
 from tests.conftest import FakeClock
+from tests.processes import free_port
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_URL = "redis://127.0.0.1:1/0"
@@ -243,7 +243,7 @@ def private_redis(tmp_path):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     procs = []
 
     def start():
@@ -300,12 +300,6 @@ def test_stores_fall_back_while_redis_is_down_and_return_when_it_is_back(private
     assert guard.state == "closed"
     assert redis.Redis.from_url(url).get(prefix + "cache:response:after") is not None
     assert board.get("openai").state == OPEN  # the lost state put back from memory
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_guard_sends_one_trial_after_recovery_and_treats_slow_answers_as_failures(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.processes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """\
@@ -25,22 +26,6 @@ providers:
   - {name: streamer, type: mock, models: [streamed], chunks: 8, chunk_delay_ms: 250}
 """
 WAIT = 20.0  # the longest any wait here may take
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, what: str, timeout: float = WAIT, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Proxy:

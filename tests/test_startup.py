@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url, process, seconds=20):
@@ -102,13 +97,7 @@ def run(tmp_path):
 
     yield run
     for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop(process)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,9 @@ import psutil
 from app.runtime.supervision import SupervisorState
 from app.runtime.workers import Supervisor
 from tests.conftest import FakeClock
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(port, path, timeout=2.0):
@@ -87,7 +81,7 @@ def _kill_tree(proc):
 
 def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_stops_all(
         tmp_path):
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text("providers: [{name: mock, type: mock, models: [m]}]\n")
     env = {**os.environ, "WORKERS": "2", "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4",
@@ -214,7 +208,7 @@ def _worker_env(tmp_path, port, **extra):
 
 
 def test_a_healthy_worker_keeps_serving_while_another_slot_crash_loops(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = _worker_env(tmp_path, port)
     out = open(tmp_path / "worker.log", "wb")
 
@@ -262,7 +256,7 @@ def _get_text(port, path, timeout=2.0):
 
 
 def test_a_killed_workers_restart_shows_in_every_workers_metrics(tmp_path):
-    port = _free_port()
+    port = free_port()
     out = open(tmp_path / "supervisor.log", "wb")
     supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO,
                                   env=_worker_env(tmp_path, port, WORKERS="2"), stdout=out,
@@ -350,7 +344,7 @@ def test_stop_ends_every_worker_even_one_that_ignores_sigterm(tmp_path):
 
 def test_workers_in_the_config_file_run_that_many_processes_under_a_supervisor(tmp_path):
     """``server.workers`` is the setting; WORKERS is only its variable."""
-    port = _free_port()
+    port = free_port()
     env = _worker_env(tmp_path, port)
     (tmp_path / "proxy.yaml").write_text(
         "server: {workers: 2}\nproviders: [{name: mock, type: mock, models: [m]}]\n")
@@ -372,7 +366,7 @@ def test_workers_in_the_config_file_run_that_many_processes_under_a_supervisor(t
 
 
 def test_a_bad_workers_value_stops_start_up_with_one_line(tmp_path):
-    env = _worker_env(tmp_path, _free_port(), WORKERS="0")
+    env = _worker_env(tmp_path, free_port(), WORKERS="0")
     result = subprocess.run([sys.executable, "wsgi.py"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=20)
     assert result.returncode == 2
