@@ -75,9 +75,9 @@ class LLMProxy:
         else:
             self.limiter = RateLimiter(clock=clock, window=settings.auth.window)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
-                                       router=self.router, timeout=settings.http_client.deadline,
-                                       clock=clock)
-        self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway)
+                                       router=self.router, timeout=settings.http_client.deadline)
+        self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway,
+                                 clock=clock)
         # The models behind the providers' patterns, asked of their upstreams in the background.
         interval = settings.routing.model_refresh_interval  # 0: never asked
         self.discovery = ModelDiscovery(self.providers, self.router, interval=interval)

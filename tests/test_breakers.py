@@ -32,8 +32,9 @@ def clock():
     return FakeClock()
 
 
-def make(clock, **kwargs):
-    return ProviderBreaker("up", clock=clock, **kwargs)
+def make(clock, storage=None, listeners=(), **settings):
+    return ProviderBreaker("up", CircuitBreakerSettings(**settings), clock=clock,
+                           storage=storage, listeners=listeners)
 
 
 def fail(breaker, times):
@@ -80,7 +81,7 @@ def test_opens_after_failure_threshold_consecutive_failures(clock):
 
 def test_a_success_resets_the_consecutive_failures(clock):
     """Failures only count while consecutive: one success starts the count again."""
-    breaker = make(clock, adaptive=False)
+    breaker = make(clock, adaptive_thresholds=False)
     fail(breaker, 4)
     succeed(breaker, 1)
     assert breaker.snapshot()["failures"] == 0
@@ -91,7 +92,7 @@ def test_a_success_resets_the_consecutive_failures(clock):
 def test_state_lives_in_the_pybreaker_storage(clock):
     """The state is kept in the pybreaker storage passed in, where a shared store can hold it."""
     storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-    breaker = make(clock, storage=storage, adaptive=False)
+    breaker = make(clock, storage=storage, adaptive_thresholds=False)
     fail(breaker, 5)
     assert storage.state == pybreaker.STATE_OPEN
     assert storage.counter == 5
@@ -100,8 +101,8 @@ def test_state_lives_in_the_pybreaker_storage(clock):
 def test_a_circuit_opened_through_shared_storage_is_honoured(clock):
     """A breaker sharing storage with one that tripped refuses calls for a recovery period."""
     storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-    first = make(clock, storage=storage, adaptive=False)
-    second = make(clock, storage=storage, adaptive=False)
+    first = make(clock, storage=storage, adaptive_thresholds=False)
+    second = make(clock, storage=storage, adaptive_thresholds=False)
     fail(first, 5)
     assert not second.allow()
     assert second.retry_at() == clock.now + 60.0
@@ -290,8 +291,8 @@ def test_the_window_starts_afresh_after_recovery(clock):
 
 
 def test_not_adaptive_counts_only_consecutive_failures(clock):
-    """adaptive=False: no tightening after a healthy window, no failure-rate trip."""
-    breaker = make(clock, adaptive=False, failure_threshold=5)
+    """adaptive_thresholds=False: no tightening after a healthy window, no failure-rate trip."""
+    breaker = make(clock, adaptive_thresholds=False, failure_threshold=5)
     succeed(breaker, 50)
     assert breaker.snapshot()["threshold"] == 5
     fail(breaker, 4)
@@ -439,7 +440,7 @@ def test_invalid_settings_are_refused(clock):
 def test_listeners_see_each_transition(clock):
     """Every state change reaches the listeners as (breaker name, old, new)."""
     recorder = Recorder()
-    breaker = make(clock, listeners=[recorder], adaptive=False, failure_threshold=2,
+    breaker = make(clock, listeners=[recorder], adaptive_thresholds=False, failure_threshold=2,
                    success_threshold=1)
     fail(breaker, 2)
     clock.advance(60)
@@ -463,7 +464,7 @@ def test_a_broken_or_partial_listener_does_not_break_the_breaker(clock, caplog):
             raise RuntimeError("metrics down")
 
     recorder = Recorder()
-    breaker = make(clock, listeners=[object(), Broken()], adaptive=False, failure_threshold=1)
+    breaker = make(clock, listeners=[object(), Broken()], adaptive_thresholds=False, failure_threshold=1)
     breaker.add_listener(recorder)
     with caplog.at_level(logging.ERROR, logger="llm_proxy.breakers"):
         fail(breaker, 1)
@@ -474,7 +475,7 @@ def test_a_broken_or_partial_listener_does_not_break_the_breaker(clock, caplog):
 
 def test_state_changes_are_logged_at_warning(clock, caplog):
     """Each transition is one WARNING on the llm_proxy.breakers logger."""
-    breaker = make(clock, adaptive=False, failure_threshold=1)
+    breaker = make(clock, adaptive_thresholds=False, failure_threshold=1)
     with caplog.at_level(logging.WARNING, logger="llm_proxy.breakers"):
         fail(breaker, 1)
     records = [r for r in caplog.records if r.name == "llm_proxy.breakers"]

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from app.errors import UpstreamError, UpstreamTimeout
-from app.pipeline import RequestContext
+from app.pipeline import Attempts, Request
 from app.upstream.client import HttpClient
 from app.upstream import retry_after_seconds
 from settings import HttpClientSettings
@@ -22,26 +22,27 @@ def make_client(**overrides):
     return client, sleeps
 
 
-def ctx(seconds=30.0):
+def request(seconds=30.0):
     now = time.monotonic()
-    return RequestContext(request_id="r1", started=now, deadline=now + seconds)
+    return Request(id="r1", started=now, deadline=now + seconds)
 
 
 @pytest.mark.parametrize("status", [429, 502, 503, 504])
 def test_refusals_are_retried_up_to_retry_attempts_with_exponential_backoff(upstream, status):
     upstream.script(*[Reply(status, {})] * 5)
     client, sleeps = make_client(retry_attempts=3, backoff_base=0.1)
-    context = ctx()
-    response = client.post(upstream.url + "/v1/chat/completions", b"{}", {}, context)
+    attempts = Attempts()
+    response = client.post(upstream.url + "/v1/chat/completions", b"{}", {}, request(), attempts)
     assert response.status == status  # the last answer, for the adapter to judge
-    assert upstream.calls == 4 and context.attempts == 4
+    assert upstream.calls == 4 and attempts.count == 4
     assert sleeps == pytest.approx([0.1, 0.2, 0.4])
 
 
 def test_a_retry_succeeds_when_the_provider_recovers(upstream):
     upstream.script(Reply(503, {}))
     client, _ = make_client()
-    response = client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx())
+    response = client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {},
+                           request(), Attempts())
     assert response.status == 200 and upstream.calls == 2
 
 
@@ -49,7 +50,7 @@ def test_retry_after_is_honoured_up_to_its_cap(upstream):
     upstream.script(Reply(429, {}, headers={"Retry-After": "2"}),
                     Reply(429, {}, headers={"Retry-After": "60"}))
     client, sleeps = make_client(backoff_base=0.01, retry_after_max=5)
-    response = client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
+    response = client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
     assert sleeps == [2.0]  # the second asks for longer than the cap: no wait, hand back
     assert response.status == 429 and upstream.calls == 2
 
@@ -58,17 +59,17 @@ def test_retry_after_is_honoured_up_to_its_cap(upstream):
 def test_other_statuses_are_not_retried(upstream, status):
     upstream.script(Reply(status, {}))
     client, sleeps = make_client()
-    assert client.post(upstream.url + "/v1/x", b"{}", {}, ctx()).status == status
+    assert client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts()).status == status
     assert upstream.calls == 1 and sleeps == []
 
 
 def test_a_refused_connection_is_retried():
     client, sleeps = make_client(retry_attempts=2, backoff_base=0.05)
-    context = ctx()
+    attempts = Attempts()
     with pytest.raises(UpstreamError) as raised:
-        client.post("http://127.0.0.1:9/v1/x", b"{}", {}, context)
+        client.post("http://127.0.0.1:9/v1/x", b"{}", {}, request(), attempts)
     assert raised.value.kind == "connect"
-    assert context.attempts == 3 and len(sleeps) == 2
+    assert attempts.count == 3 and len(sleeps) == 2
 
 
 @pytest.mark.parametrize("behaviour,kind", [(Hang(2), "timeout"), (Reset(), "connection")])
@@ -76,7 +77,7 @@ def test_a_request_that_reached_the_upstream_is_never_retried(upstream, behaviou
     upstream.script(behaviour)
     client, sleeps = make_client()
     with pytest.raises(UpstreamError) as raised:
-        client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
+        client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
     assert raised.value.kind == kind
     assert upstream.calls == 1 and sleeps == []
 
@@ -85,21 +86,21 @@ def test_a_read_timeout_is_an_upstream_timeout(upstream):
     upstream.script(Hang(2))
     client, _ = make_client()
     with pytest.raises(UpstreamTimeout):
-        client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
+        client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
 
 
 def test_no_retry_is_started_that_would_end_past_the_deadline(upstream):
     upstream.script(*[Reply(503, {})] * 4)
     client, sleeps = make_client(backoff_base=1.0)
-    client.post(upstream.url + "/v1/x", b"{}", {}, ctx(seconds=1.5))
+    client.post(upstream.url + "/v1/x", b"{}", {}, request(seconds=1.5), Attempts())
     assert upstream.calls == 2 and sleeps == [1.0]
 
 
 def test_cookies_from_an_upstream_are_never_sent_back(upstream):
     upstream.script(Reply(200, {}, headers={"Set-Cookie": "track=1; Path=/"}))
     client, _ = make_client()
-    client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
-    client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
+    client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
+    client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
     assert "Cookie" not in upstream.requests[1].headers
     assert len(client.session.cookies) == 0
 
@@ -107,15 +108,17 @@ def test_cookies_from_an_upstream_are_never_sent_back(upstream):
 def test_connections_are_kept_alive_and_reused(upstream):
     client, _ = make_client()
     for _ in range(5):
-        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx()).body()
+        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, request(),
+                    Attempts()).body()
     assert len({r.client_port for r in upstream.requests}) == 1
 
 
 def test_stats_count_requests_errors_and_time(upstream):
     upstream.script(Reply(500, {}))
     client, _ = make_client()
-    client.post(upstream.url + "/v1/x", b"{}", {}, ctx())
-    client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, ctx())
+    client.post(upstream.url + "/v1/x", b"{}", {}, request(), Attempts())
+    client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, request(),
+                Attempts())
     stats = client.stats.snapshot()
     assert stats["requests_total"] == 2 and stats["errors_total"] == 1
     assert stats["error_rate"] == 0.5 and stats["avg_response_time_ms"] > 0
@@ -142,9 +145,10 @@ def test_connections_idle_past_keepalive_expiry_are_replaced(upstream):
     now = [0.0]
     client = HttpClient("up", HttpClientSettings(keepalive_expiry=30), pool_size=4,
                         clock=lambda: now[0])
-    context = RequestContext(request_id="r", started=0.0, deadline=1e9)
+    forever = Request(id="r", started=0.0, deadline=1e9)
     for step in (0, 10, 31):  # idle 10 s: kept; then idle 31 s: dropped
         now[0] += step
-        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, context).body()
+        client.post(upstream.url + "/v1/chat/completions", b'{"model":"m"}', {}, forever,
+                    Attempts()).body()
     ports = [r.client_port for r in upstream.requests]
     assert ports[0] == ports[1] != ports[2]

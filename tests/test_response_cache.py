@@ -6,8 +6,8 @@ import json
 import pytest
 import requests
 
-from app.pipeline import RequestContext
-from app.providers import Call, Reply as WholeAnswer
+from app.pipeline import Request, Trace
+from app.providers import Call
 from tests.conftest import FakeClock, live_server, provider
 from tests.upstream import Reply, Stream, chat_chunks, chat_completion
 
@@ -156,31 +156,32 @@ def test_tool_calls_survive_the_round_trip_through_the_cache(app, upstream):
     assert json.loads(events[1])["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_a_request_whose_cache_key_cannot_be_computed_bypasses_the_cache(app):
-    """No body that parse_body accepts fails request_key today, so ResponseCache is driven
-    directly, with a body orjson cannot write (too deep): served, never cached, never a 500."""
-    responses = app.extensions["llm_proxy"].responses
+def test_a_request_whose_cache_key_cannot_be_computed_bypasses_the_cache(app, upstream):
+    """No body that parse_body accepts fails request_key today, so the pipeline is driven
+    directly, with a body orjson cannot write (too deep; the client's bytes are forwarded as
+    they came): served, never cached, never a 500."""
+    llm_proxy = app.extensions["llm_proxy"]
+    upstream.default = lambda r: Reply(200, chat_completion("gpt-test", "ok"))
     deep = []
     for _ in range(300):
         deep = [deep]
-    policy = responses.policy("gpt-test", "")
-    fetched = []
-
-    def fetch():
-        fetched.append(1)
-        return WholeAnswer(b'{"ok": true}')
-
+    now = llm_proxy.clock()
+    request = Request("req-1", now, now + 60.0, tenant=llm_proxy.keys.anonymous)
     for _ in range(2):
-        ctx = RequestContext("req-1", 0.0, 60.0)
-        assert responses.complete(Call("chat", {**CHAT, "x": deep}), ctx, policy,
-                                  fetch).body == b'{"ok": true}'
-        assert ctx.cache == "BYPASS"
-    ctx = RequestContext("req-2", 0.0, 60.0)
-    events = iter([b"data: [DONE]\n\n"])
-    call = Call("chat", {**CHAT, "x": deep, "stream": True}, stream=True)
-    assert responses.stream(call, ctx, policy, lambda: events) is events
-    assert ctx.cache == "BYPASS"
-    assert len(fetched) == 2 and len(responses.store) == 0
+        trace = Trace()
+        call = Call("chat", {**CHAT, "x": deep}, raw=json.dumps(CHAT).encode())
+        reply = llm_proxy.pipeline.complete(call, request, trace)
+        assert json.loads(reply.body)["choices"][0]["message"]["content"] == "ok"
+        assert trace.cache == "BYPASS"
+    trace = Trace()
+    call = Call("chat", {**CHAT, "x": deep, "stream": True},
+                raw=json.dumps({**CHAT, "stream": True}).encode(), stream=True)
+    upstream.default = lambda r: Stream(chat_chunks("gpt-test", ["a", "b"]))
+    events = llm_proxy.pipeline.stream(call, request, trace)
+    assert list(events)[-1] == b"data: [DONE]\n\n"
+    events.close()
+    assert trace.cache == "BYPASS"
+    assert upstream.calls == 3 and len(llm_proxy.responses.entries) == 0
 
 
 def test_identical_concurrent_requests_reach_the_upstream_once(make_app, upstream):

@@ -1,17 +1,18 @@
-"""HTTP surface: the blueprints, the per-request context and the one error handler."""
+"""HTTP surface: the blueprints, the per-request Request and Trace, the one error handler."""
 
 from __future__ import annotations
 
 import logging
 import re
 import uuid
+from dataclasses import replace
 from functools import partial
 
 from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app.errors import PayloadTooLarge, ProxyError, error_body
-from app.pipeline import RequestContext
+from app.pipeline import Request, Trace
 
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -24,7 +25,7 @@ def register(app):
 
     for module in (openai, providers, health, metrics, admin):
         app.register_blueprint(module.bp)
-    app.before_request(_start_context)
+    app.before_request(_start_request)
     app.after_request(_proxy_headers)
     app.register_error_handler(ProxyError, _proxy_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -36,71 +37,71 @@ def proxy():
     return current_app.extensions["llm_proxy"]
 
 
-def _never_disconnected():
-    return False
-
-
-def _start_context():
+def _start_request():
+    """``g.request``, the request as every step reads it, and ``g.trace``, what serving it
+    found (for the headers below, the metrics and the access log)."""
     llm_proxy = proxy()
     incoming = request.headers.get("X-Request-ID", "")
     started = llm_proxy.clock()
-    g.ctx = RequestContext(
-        request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+    g.request = Request(
+        id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
         started=started,
-        deadline=started + llm_proxy.settings.http_client.deadline,
-        client_disconnected=request.environ.get("waitress.client_disconnected",
-                                                _never_disconnected))
+        deadline=started + llm_proxy.settings.http_client.deadline)
+    disconnected = request.environ.get("waitress.client_disconnected")
+    if disconnected is not None:
+        g.request = replace(g.request, client_disconnected=disconnected)
+    g.trace = Trace()
 
 
 def _proxy_headers(response):
-    ctx = g.get("ctx")
-    if ctx is None:
+    req = g.get("request")
+    if req is None:
         return response
+    trace = g.trace
     llm_proxy = proxy()
     headers = response.headers
-    headers["X-Request-ID"] = ctx.request_id
-    if ctx.cache:
-        headers["X-Cache"] = ctx.cache
-        if ctx.cache_age is not None:
-            headers["Age"] = str(int(ctx.cache_age))
-    if ctx.coalesced:
+    headers["X-Request-ID"] = req.id
+    if trace.cache:
+        headers["X-Cache"] = trace.cache
+        if trace.cache_age is not None:
+            headers["Age"] = str(int(trace.cache_age))
+    if trace.coalesced:
         headers["X-Proxy-Coalesced"] = "true"
-    if ctx.condensed:
-        headers["X-Proxy-Condensed"] = ctx.condensed
+    if trace.condensed:
+        headers["X-Proxy-Condensed"] = trace.condensed
     if request.endpoint and request.endpoint.removesuffix("_unversioned") in _PROXIED:
         # Every answer to a proxied call, errors and cache hits included: attempts 0 when no
         # upstream was called; no provider header rather than an empty one when none answered
         # (a gateway 502/503/504, a refusal, a stored answer whose provider is not kept).
-        overhead = (llm_proxy.clock() - ctx.started - ctx.upstream_seconds) * 1000
-        if ctx.provider:
-            headers["X-Proxy-Provider"] = ctx.provider
-        headers["X-Proxy-Attempts"] = str(ctx.attempts)
+        overhead = (llm_proxy.clock() - req.started - trace.upstream.seconds) * 1000
+        if trace.provider:
+            headers["X-Proxy-Provider"] = trace.provider
+        headers["X-Proxy-Attempts"] = str(trace.upstream.count)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
-    if ctx.admission is not None:
-        headers.update(ctx.admission.headers())
+    if trace.admission is not None:
+        headers.update(trace.admission.headers())
     path = request.path
     if not path.startswith("/metrics"):  # scrapes are not counted
         rule = request.url_rule.rule if request.url_rule is not None else "none"
-        response.call_on_close(partial(_finished, llm_proxy, ctx, request.method, path, rule,
-                                       response.status_code, response.is_streamed))
+        response.call_on_close(partial(_finished, llm_proxy, req, trace, request.method, path,
+                                       rule, response.status_code, response.is_streamed))
     return response
 
 
 def authenticate():
     """Before a client route: the tenant of the request's API key (401 when it has none)."""
-    g.ctx.tenant = proxy().keys.authenticate(request.headers)
+    g.request = replace(g.request, tenant=proxy().keys.authenticate(request.headers))
 
 
-def _finished(llm_proxy, ctx, method, path, rule, status, streamed):
+def _finished(llm_proxy, req, trace, method, path, rule, status, streamed):
     """After the last byte (of a stream too): the request's metrics and access log line."""
-    seconds = llm_proxy.clock() - ctx.started
+    seconds = llm_proxy.clock() - req.started
     llm_proxy.metrics.http_request(method, rule, status, seconds)
     if path.startswith(_QUIET_PATHS):
         return  # probes: counted, not logged
-    llm_proxy.metrics.request_done(ctx, ctx.model, seconds, streamed)
-    llm_proxy.access_log.record(ctx, method=method, path=path, status=status, model=ctx.model,
-                                total_ms=seconds * 1000,
-                                key_id=ctx.tenant.id if ctx.tenant else "anonymous")
+    llm_proxy.metrics.request_done(trace, seconds, streamed)
+    llm_proxy.access_log.record(req, trace, method=method, path=path, status=status,
+                                total_ms=seconds * 1000)
 
 
 def error_response(error: ProxyError) -> Response:
@@ -129,7 +130,7 @@ def _http_error(error: HTTPException):
 
 
 def _unexpected_error(error: Exception):
-    ctx = g.get("ctx")
-    log.exception("request %s: unexpected error", ctx.request_id if ctx else "-")
+    req = g.get("request")
+    log.exception("request %s: unexpected error", req.id if req else "-")
     return Response(error_body("The proxy failed to serve this request.", "server_error", None,
                                "internal_error"), status=500, mimetype="application/json")

@@ -70,7 +70,7 @@ def _serve(endpoint):
     call = Call(endpoint, body, raw, stream)
     pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
     if stream:
-        events = pipeline.stream(call, g.ctx, cache_control)
+        events = pipeline.stream(call, g.request, g.trace, cache_control)
         return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-    reply = pipeline.complete(call, g.ctx, cache_control)
+    reply = pipeline.complete(call, g.request, g.trace, cache_control)
     return Response(reply.body, status=reply.status, mimetype="application/json")

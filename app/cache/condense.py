@@ -334,7 +334,7 @@ def _render(message: dict, names: dict) -> str:
 
 
 class Condensation:
-    """Condensation, a step of the pipeline (app/pipeline.py): a chat over the threshold is
+    """Condensation, a step of the pipeline (app/pipeline): a chat over the threshold is
     condensed before it is sent (``prepared``), and one refused by the upstream as too long is
     condensed by force to be sent once more (``retried``). The summary is asked of
     ``summary_model`` (or the request's own model) through the gateway, so it gets the same
@@ -357,35 +357,38 @@ class Condensation:
         return cls(condenser, gateway, summary_model=settings.summary_model,
                    enabled=settings.enabled)
 
-    def prepared(self, call, ctx):
-        """The call as it goes upstream: condensed when it is a chat over the threshold."""
+    def prepared(self, call, request, attempts):
+        """(the call as it goes upstream, how it was condensed: "" when it was not): condensed
+        when it is a chat over the threshold. The summary's upstream attempts count in
+        ``attempts``."""
         if not self.enabled or call.endpoint != "chat" or not self.condenser.needed(call.body):
-            return call
-        return self._condensed(call, ctx, force=False)
+            return call, ""
+        return self._condensed(call, request, attempts, force=False)
 
-    def retried(self, call, ctx, error):
-        """The call condensed by force when the upstream refused it as too long; else the
-        upstream's error stands (it is raised)."""
+    def retried(self, call, request, attempts, error):
+        """(the call condensed by force, how) when the upstream refused it as too long; else
+        the upstream's error stands (it is raised)."""
         if (not self.enabled or call.endpoint != "chat"
                 or not self.condenser.is_context_too_long(error.status, error.body())):
             raise error
-        condensed = self._condensed(call, ctx, force=True)
+        condensed, mode = self._condensed(call, request, attempts, force=True)
         if condensed is call:
             raise error  # nothing older to condense: the client's error stands
-        return condensed
+        return condensed, mode
 
-    def _condensed(self, call, ctx, *, force):
-        body, mode = self.condenser.condense(call.body, self._summarizer(call, ctx), force=force)
+    def _condensed(self, call, request, attempts, *, force):
+        summarize = self._summarizer(call, request, attempts)
+        body, mode = self.condenser.condense(call.body, summarize, force=force)
         if mode is None:
-            return call
-        ctx.condensed = mode
-        return replace(call, body=body, raw=None)
+            return call, ""
+        return replace(call, body=body, raw=None), mode
 
-    def _summarizer(self, call, ctx):
+    def _summarizer(self, call, request, attempts):
         def summarize(messages):
             body = {"model": self.summary_model or call.body["model"], "messages": messages,
                     "max_tokens": self.condenser.summary_max_tokens}
-            reply = self.gateway.complete(replace(call, body=body, raw=None, stream=False), ctx)
+            summary_call = replace(call, body=body, raw=None, stream=False)
+            reply = self.gateway.complete(summary_call, request, attempts)
             try:
                 return orjson.loads(reply.body)["choices"][0]["message"]["content"]
             except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):

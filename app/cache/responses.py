@@ -1,6 +1,7 @@
-"""The response cache on the request path: lookups, coalescing, stores and stale-if-error.
+"""The response cache's steps on the request path (app/pipeline): lookup, coalesce, store,
+stale-if-error, and a stored answer replayed as a stream.
 
-Every answer says what the cache did (``ctx.cache``, sent as ``X-Cache``): HIT (with ``Age``),
+Every answer says what the cache did (``Trace.cache``, sent as ``X-Cache``): HIT (with ``Age``),
 MISS, BYPASS (not consulted: caching off for the model, ``Cache-Control: no-cache``, or a
 request it cannot compute a key for) or STALE (every provider failed; an answer past its TTL
 but within ``stale_ttl`` was served).
@@ -12,8 +13,9 @@ import fnmatch
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 
-from app.cache import request_key
+from app.cache import Entry, request_key
 from app.errors import NoProviderAvailable, UpstreamError
 from app.providers import Reply
 from app.cache.replay import StreamAssembler, replay_events
@@ -23,7 +25,7 @@ log = logging.getLogger("llm_proxy.response_cache")
 HIT, MISS, BYPASS, STALE = "HIT", "MISS", "BYPASS", "STALE"
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
 # What stale-if-error covers: the providers failed, not the client.
-_PROVIDER_FAILURES = (UpstreamError, NoProviderAvailable)
+PROVIDER_FAILURES = (UpstreamError, NoProviderAvailable)
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,12 @@ NO_CACHE = CachePolicy(False, False)
 
 
 class ResponseCache:
-    def __init__(self, store, coalescer, settings, *, router, timeout: float, clock):
-        self.store = store  # ByteCache
+    def __init__(self, entries, coalescer, settings, *, router, timeout: float):
+        self.entries = entries  # ByteCache
         self.coalescer = coalescer
         self.settings = settings
         self.router = router
         self.timeout = timeout  # how long an identical request waits for the one in flight
-        self.clock = clock
         self._disabled = [re.compile(fnmatch.translate(m)) for m in settings.disabled_models]
 
     def policy(self, model: str, cache_control: str) -> CachePolicy:
@@ -63,78 +64,49 @@ class ResponseCache:
         model = self.router.canonical_model(call.body["model"])
         return request_key(call.endpoint, {**call.body, "model": model})
 
-    def complete(self, call, ctx, policy: CachePolicy, fetch) -> Reply:
-        """A whole answer: from the cache, from an identical request in flight, or ``fetch()``."""
-        key = self._key(call, ctx) if policy.read or policy.write else None
-        if key is None:
-            ctx.cache = BYPASS
-            return fetch()
-        if policy.read and self._hit(key, policy, ctx):
-            return Reply(ctx.cached.value)
-        ctx.cache = MISS if policy.read else BYPASS
-
-        def fetch_and_store():
-            reply = fetch()
-            if policy.write and reply.status == 200:
-                self.store.set(key, reply.body)
-            return reply, ctx.provider
-
-        try:
-            if policy.read and self.settings.coalesce:
-                (reply, provider), shared = self.coalescer.run(key, fetch_and_store, self.timeout)
-                if shared:
-                    ctx.cache, ctx.cache_age, ctx.provider, ctx.coalesced = HIT, 0.0, provider, True
-                return reply
-            return fetch_and_store()[0]
-        except _PROVIDER_FAILURES:
-            if not self._stale(key, policy, ctx):
-                raise
-            return Reply(ctx.cached.value)
-
-    def stream(self, call, ctx, policy: CachePolicy, open_stream):
-        """SSE events: a cached answer replayed, or the live stream (stored once it completes)."""
-        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-        key = self._key(call, ctx) if policy.read or policy.write else None
-        if key is None:
-            ctx.cache = BYPASS
-            return open_stream()
-        if policy.read and self._hit(key, policy, ctx):
-            return replay_events(call.endpoint, ctx.cached.value, include_usage=include_usage)
-        ctx.cache = MISS if policy.read else BYPASS
-        try:
-            relay = open_stream()
-        except _PROVIDER_FAILURES:
-            if not self._stale(key, policy, ctx):
-                raise
-            return replay_events(call.endpoint, ctx.cached.value, include_usage=include_usage)
-        if not policy.write:
-            return relay
-        return RecordingStream(relay, StreamAssembler(call.endpoint),
-                               lambda body: self.store.set(key, body))
-
-    def _key(self, call, ctx) -> str | None:
-        """The request's key, or None when it cannot be computed (the request then bypasses
-        the cache): a request the cache cannot handle is still served."""
+    def key_for(self, call, policy: CachePolicy, request_id: str) -> str | None:
+        """The request's key; None when the policy neither reads nor writes, or when it cannot
+        be computed (the request then bypasses the cache: one the cache cannot handle is still
+        served)."""
+        if not (policy.read or policy.write):
+            return None
         try:
             return self.key(call)
         except Exception as e:  # e.g. orjson refusing a body that parse_body let through
             log.warning("request %s: no cache key (%s: %s); bypassing the cache",
-                        ctx.request_id, type(e).__name__, e)
+                        request_id, type(e).__name__, e)
             return None
 
-    def _hit(self, key, policy, ctx) -> bool:
-        entry = self.store.get(key, policy.max_age)
-        if entry is None:
-            return False
-        ctx.cache, ctx.cache_age, ctx.cached = HIT, entry.age(self.clock()), entry
-        return True
+    def lookup(self, key: str, policy: CachePolicy) -> Entry | None:
+        """The fresh entry under ``key`` (within the request's max-age), if the policy reads."""
+        return self.entries.get(key, policy.max_age) if policy.read else None
 
-    def _stale(self, key, policy, ctx) -> bool:
-        entry = self.store.get_stale(key) if policy.read else None
-        if entry is None:
-            return False
-        ctx.cache, ctx.cache_age, ctx.cached = STALE, entry.age(self.clock()), entry
-        return True
+    def stale(self, key: str, policy: CachePolicy) -> Entry | None:
+        """An entry past its TTL but within ``stale_ttl``, to stand in when every provider
+        failed, if the policy reads."""
+        return self.entries.get_stale(key) if policy.read else None
+
+    def coalesce(self, key: str, policy: CachePolicy, fetch):
+        """(``fetch()``, shared): an identical request in flight shares its answer (shared is
+        then True) when the policy reads and coalescing is on."""
+        if policy.read and self.settings.coalesce:
+            return self.coalescer.run(key, fetch, self.timeout)
+        return fetch(), False
+
+    def store(self, key: str, reply: Reply) -> None:
+        """Keep a whole answer (a success only)."""
+        if reply.status == 200:
+            self.entries.set(key, reply.body)
+
+    def replay(self, call, entry: Entry):
+        """A stored answer as the SSE events of a stream."""
+        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        return replay_events(call.endpoint, entry.value, include_usage=include_usage)
+
+    def recording(self, call, key: str, relay):
+        """``relay``'s events passed through; its answer stored once it ended cleanly."""
+        return RecordingStream(relay, StreamAssembler(call.endpoint),
+                               partial(self.entries.set, key))
 
 
 class RecordingStream:

@@ -21,20 +21,23 @@ class AccessLog:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def record(self, ctx, *, method, path, status, model, total_ms, key_id="anonymous"):
+    def record(self, request, trace, *, method, path, status, total_ms):
+        """One line for a finished ``request`` (app.pipeline.Request) and its ``trace``."""
         if not self.enabled:
             return
-        usage = ctx.usage or {}
+        usage = trace.usage or {}
+        key_id = request.tenant.id if request.tenant else "anonymous"
         entry = {
-            "request_id": ctx.request_id, "key_id": key_id, "method": method, "path": path,
-            "model": model, "provider": ctx.provider or None, "status": status,
-            "cache": ctx.cache or None, "attempts": ctx.attempts,
-            "upstream_ms": round(ctx.upstream_seconds * 1000, 2), "total_ms": round(total_ms, 2),
+            "request_id": request.id, "key_id": key_id, "method": method, "path": path,
+            "model": trace.model, "provider": trace.provider or None, "status": status,
+            "cache": trace.cache or None, "attempts": trace.upstream.count,
+            "upstream_ms": round(trace.upstream.seconds * 1000, 2),
+            "total_ms": round(total_ms, 2),
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
         }
-        if ctx.condensed:
-            entry["condensed"] = ctx.condensed
+        if trace.condensed:
+            entry["condensed"] = trace.condensed
         if self.format == "json":
             line = orjson.dumps(entry).decode() + "\n"
         else:

@@ -39,7 +39,7 @@ class NullMetrics:
     def http_request(self, method, url_rule, status, seconds):
         pass
 
-    def request_done(self, ctx, model, seconds, streamed):
+    def request_done(self, trace, seconds, streamed):
         pass
 
     def rejected(self, reason):
@@ -118,19 +118,20 @@ class ProxyMetrics:
         self._child(self.http_duration, method, url_rule, status).observe(seconds)
         self._child(self.http_requests, method, status).inc()
 
-    def request_done(self, ctx, model, seconds, streamed):
-        """An API request finished (for a stream: its last byte was sent)."""
-        if ctx.cache:
-            self._child(self.cache_results, ctx.cache).inc()
-        if streamed and ctx.provider:
-            self._child(self.stream_duration, ctx.provider).observe(seconds)
-        usage = ctx.usage
-        if usage and ctx.provider and ctx.cache not in ("HIT", "STALE"):
-            label = self._model_label(model)
+    def request_done(self, trace, seconds, streamed):
+        """An API request finished (for a stream: its last byte was sent); ``trace``: what
+        serving it found (app.pipeline.Trace)."""
+        if trace.cache:
+            self._child(self.cache_results, trace.cache).inc()
+        if streamed and trace.provider:
+            self._child(self.stream_duration, trace.provider).observe(seconds)
+        usage = trace.usage
+        if usage and trace.provider and trace.cache not in ("HIT", "STALE"):
+            label = self._model_label(trace.model)
             for kind in ("prompt", "completion"):
                 count = usage.get(f"{kind}_tokens")
                 if isinstance(count, int) and count > 0:
-                    self._child(self.tokens, ctx.provider, label, kind).inc(count)
+                    self._child(self.tokens, trace.provider, label, kind).inc(count)
 
     def rejected(self, reason):
         """A request refused at the server's header stage (``reason``: REJECTION_REASONS)."""

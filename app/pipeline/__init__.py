@@ -1,18 +1,21 @@
 """The request's path, top to bottom, for every entry point.
 
-A view parses its protocol into a ``Call`` and hands it here with the request's context; it
-gets back a whole ``Reply`` or an iterable of SSE events, and renders that in its protocol.
-The steps, in order:
+A view parses its protocol into a ``Call`` and hands it here with the ``Request`` (built once,
+read by every step) and a fresh ``Trace`` (what serving it found: filled here from what the
+steps return, read by the headers, the access log and the metrics). It gets back a whole
+``Reply`` or an iterable of SSE events, and renders that in its protocol. The steps, in order:
 
     admit      the key may use this model (403); its rate limits admit it (429); the tokens
                it spent are charged when the answer ends, a stream's when it is closed
-    cache      a fresh cached answer is the answer (HIT); identical requests in flight share
-               one upstream call (coalesce); an answer is stored once complete; when every
-               provider fails, a stale answer may stand in (app/cache/responses.py)
+    lookup     a fresh cached answer is the answer (HIT); no key, or Cache-Control: no-cache,
+               bypasses the cache (app/cache/responses.py)
+    coalesce   identical requests in flight share one upstream call
     condense   an over-long chat is condensed before it is sent (app/cache/condense.py)
     route      the gateway: candidates in order, breakers, bulkheads, retries, fallback
                (app/pipeline/gateway.py)
     re-send    a chat the upstream refused as too long is condensed by force and sent once more
+    store      a complete answer is stored (a stream's once it ended cleanly)
+    stale      when every provider failed, an answer past its TTL may stand in
 """
 
 from __future__ import annotations
@@ -21,82 +24,153 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
+from app.cache.responses import BYPASS, HIT, MISS, STALE, PROVIDER_FAILURES
 from app.errors import UpstreamClientError
+from app.providers import Reply
 
-if TYPE_CHECKING:  # types only: the pipeline's steps import nothing of each other here
+if TYPE_CHECKING:  # types only
     from app.auth import Tenant
     from app.cache import Entry
     from app.pipeline.limits import Admission
 
 
-@dataclass
-class RequestContext:
-    """One client request while it is served: what the view knew when it began (id, clock,
-    deadline, the tenant of its key, how to ask whether the client left), and what the steps
-    found (the model, the admission, the cache's verdict, the provider that answered, the
-    attempts, the time upstream, the usage) for the headers, the access log and the metrics."""
-    request_id: str
+def _never_disconnected() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Request:
+    """One client request as the HTTP surface knows it: built once, read by every step."""
+    id: str
     started: float
     deadline: float
-    client_disconnected: Callable[[], bool] = field(default=lambda: False)
-    tenant: Tenant | None = None  # the API key's tenant
+    client_disconnected: Callable[[], bool] = _never_disconnected
+    tenant: Tenant | None = None  # the API key's tenant (None on routes without a key)
+
+
+class Attempts:
+    """The upstream attempts one request made (retries and fallbacks), and the time they took:
+    counted by whoever makes them (the HTTP client, the mock provider)."""
+    __slots__ = ("count", "seconds")
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def record(self, seconds: float = 0.0) -> None:
+        self.count += 1
+        self.seconds += seconds
+
+
+@dataclass
+class Trace:
+    """What serving one request found: the pipeline fills it from what its steps return."""
     model: str = ""  # the model the client asked for
     admission: Admission | None = None  # its rate-limit admission, settled when the answer ends
     cache: str = ""  # HIT, MISS, BYPASS, STALE (X-Cache)
     cache_age: float | None = None
-    cached: Entry | None = None  # the cache entry served
     coalesced: bool = False
     condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
-    provider: str = ""
-    attempts: int = 0
-    upstream_seconds: float = 0.0
+    provider: str = ""  # the provider that answered
     usage: dict | None = None  # the upstream's token counts
+    upstream: Attempts = field(default_factory=Attempts)
+
+    def served_from_cache(self, status: str, entry: Entry, now: float) -> None:
+        self.cache, self.cache_age = status, entry.age(now)
 
 
 class Pipeline:
     """The one sequence every request goes through; each step is a component of its own."""
 
-    def __init__(self, limiter, responses, condensation, gateway):
+    def __init__(self, limiter, responses, condensation, gateway, *, clock):
         self.limiter = limiter  # RateLimiter
         self.responses = responses  # ResponseCache
         self.condensation = condensation  # Condensation
         self.gateway = gateway  # Gateway
+        self.clock = clock
 
-    def complete(self, call, ctx, cache_control: str = ""):
-        """A whole answer (``Reply``)."""
+    def complete(self, call, request: Request, trace: Trace, cache_control: str = "") -> Reply:
+        """A whole answer."""
         try:
-            policy = self._admit(call, ctx, cache_control)
-            send = partial(self._route, self.gateway.complete, call, ctx)
-            return self.responses.complete(call, ctx, policy, send)
+            key, policy = self._admit(call, request, trace, cache_control)
+            if key is None:
+                return self._send(call, request, trace)
+            entry = self.responses.lookup(key, policy)
+            if entry is not None:
+                trace.served_from_cache(HIT, entry, self.clock())
+                return Reply(entry.value)
+            try:
+                store = key if policy.write else None
+                reply, shared = self.responses.coalesce(
+                    key, policy, partial(self._send, call, request, trace, store=store))
+            except PROVIDER_FAILURES:
+                entry = self.responses.stale(key, policy)
+                if entry is None:
+                    raise
+                trace.served_from_cache(STALE, entry, self.clock())
+                return Reply(entry.value)
+            if shared:  # another request's answer: it was not ours to charge
+                trace.cache, trace.cache_age, trace.coalesced = HIT, 0.0, True
+                trace.provider = reply.provider
+            return reply
         finally:
-            _settle(ctx)
+            _settle(trace)
 
-    def stream(self, call, ctx, cache_control: str = ""):
+    def stream(self, call, request: Request, trace: Trace, cache_control: str = ""):
         """An iterable of SSE events; it fails before its first event when it fails early."""
         try:
-            policy = self._admit(call, ctx, cache_control)
-            open_stream = partial(self._route, self.gateway.stream, call, ctx)
-            events = self.responses.stream(call, ctx, policy, open_stream)
+            key, policy = self._admit(call, request, trace, cache_control)
+            entry = self.responses.lookup(key, policy) if key is not None else None
+            if entry is not None:
+                trace.served_from_cache(HIT, entry, self.clock())
+                events = relay = self.responses.replay(call, entry)
+            else:
+                try:
+                    events = relay = self._route(self.gateway.stream, call, request, trace)
+                except PROVIDER_FAILURES:
+                    entry = self.responses.stale(key, policy) if key is not None else None
+                    if entry is None:
+                        raise
+                    trace.served_from_cache(STALE, entry, self.clock())
+                    events = relay = self.responses.replay(call, entry)
+                else:
+                    trace.provider = relay.provider
+                    if key is not None and policy.write:
+                        events = self.responses.recording(call, key, relay)
         except BaseException:
-            _settle(ctx)
+            _settle(trace)
             raise
-        return SettledStream(events, partial(_settle, ctx))
+        return SettledStream(events, partial(_settle_stream, trace, relay))
 
-    def _admit(self, call, ctx, cache_control: str):
-        """The key's model allow-list and rate limits; the request's cache policy."""
-        ctx.model = call.body["model"]
-        ctx.tenant.check_model(ctx.model)
-        ctx.admission = self.limiter.admit(ctx.tenant)
-        return self.responses.policy(ctx.model, cache_control)
+    def _admit(self, call, request, trace, cache_control):
+        """The key's model allow-list and rate limits; the request's cache key (None: the
+        cache is bypassed) and policy."""
+        trace.model = call.body["model"]
+        request.tenant.check_model(trace.model)
+        trace.admission = self.limiter.admit(request.tenant)
+        policy = self.responses.policy(trace.model, cache_control)
+        key = self.responses.key_for(call, policy, request.id)
+        trace.cache = BYPASS if key is None or not policy.read else MISS
+        return key, policy
 
-    def _route(self, route, call, ctx):
+    def _send(self, call, request, trace, *, store=None) -> Reply:
+        """Route a whole answer; keep it under the cache key ``store`` when there is one."""
+        reply = self._route(self.gateway.complete, call, request, trace)
+        trace.provider, trace.usage = reply.provider, reply.usage
+        if store is not None:
+            self.responses.store(store, reply)
+        return reply
+
+    def _route(self, route, call, request, trace):
         """Condense, route (``route``: the gateway's complete or stream); condense by force and
         route once more if the upstream refused the chat as too long."""
-        call = self.condensation.prepared(call, ctx)
+        call, trace.condensed = self.condensation.prepared(call, request, trace.upstream)
         try:
-            return route(call, ctx)
+            return route(call, request, trace.upstream)
         except UpstreamClientError as e:
-            return route(self.condensation.retried(call, ctx, e), ctx)
+            trace.provider = e.provider
+            call, trace.condensed = self.condensation.retried(call, request, trace.upstream, e)
+            return route(call, request, trace.upstream)
 
 
 class SettledStream:
@@ -121,11 +195,16 @@ class SettledStream:
             self._settle()
 
 
-def _settle(ctx) -> None:
+def _settle_stream(trace, relay) -> None:
+    trace.usage = getattr(relay, "usage", None)
+    _settle(trace)
+
+
+def _settle(trace) -> None:
     """The end of the admit step: charge the tokens the answer used (a cached answer costs
     none) and free the key's in-flight slot. Admission.finish runs once, whoever calls it."""
-    if ctx.admission is None:
+    if trace.admission is None:
         return  # refused before admission (403)
-    tokens = (ctx.usage or {}).get("total_tokens")
-    spent = isinstance(tokens, int) and ctx.cache not in ("HIT", "STALE")
-    ctx.admission.finish(tokens if spent else 0)
+    tokens = (trace.usage or {}).get("total_tokens")
+    spent = isinstance(tokens, int) and trace.cache not in ("HIT", "STALE")
+    trace.admission.finish(tokens if spent else 0)

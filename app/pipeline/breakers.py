@@ -56,7 +56,9 @@ class ProviderBreaker:
     calls are in flight at once (others are refused); ``success_threshold`` successes close it,
     and any failure opens it again for a new recovery period.
 
-    Adaptive thresholds (``adaptive=True``). The breaker remembers the outcomes of the last
+    Its numbers come from a ``CircuitBreakerSettings`` (the ``circuit_breaker`` section).
+
+    Adaptive thresholds (``adaptive_thresholds``). The breaker remembers the outcomes of the last
     ``window`` calls. The provider counts as healthy when, leaving out the current run of
     consecutive failures, at least ``min_calls`` outcomes remain and at least 99% of them are
     successes. A healthy provider trips after ``max(min_threshold, failure_threshold // 2)``
@@ -65,7 +67,7 @@ class ProviderBreaker:
     Independently, it trips when the window holds at least ``min_calls`` outcomes and at least
     ``failure_rate`` of them are failures, even if successes are interleaved. The window starts
     empty again when the breaker closes after a recovery (and on ``reset()``), so the outage that
-    opened it does not count against the provider afterwards. With ``adaptive=False`` only the
+    opened it does not count against the provider afterwards. Without adaptive thresholds only the
     consecutive failures count, against ``failure_threshold``.
 
     Cool-down. ``cool_down(seconds)`` (a 429 with Retry-After) makes ``allow()`` false until
@@ -83,37 +85,20 @@ class ProviderBreaker:
 
     HEALTHY_SUCCESS_RATE = 0.99
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        failure_threshold: int = 5,
-        recovery_timeout: float = 60.0,
-        success_threshold: int = 3,
-        adaptive: bool = True,
-        window: int = 100,
-        min_threshold: int = 2,
-        failure_rate: float = 0.5,
-        min_calls: int = 10,
-        clock: Callable[[], float] = time.monotonic,
-        listeners: Iterable[object] = (),
-        storage: pybreaker.CircuitBreakerStorage | None = None,
-    ):
-        _check(failure_threshold >= 1, "failure_threshold must be at least 1")
-        _check(recovery_timeout > 0, "recovery_timeout must be positive")
-        _check(success_threshold >= 1, "success_threshold must be at least 1")
-        _check(window >= 1, "window must be at least 1")
-        _check(min_threshold >= 1, "min_threshold must be at least 1")
-        _check(0 < failure_rate <= 1, "failure_rate must be in (0, 1]")
-        _check(min_calls >= 1, "min_calls must be at least 1")
+    def __init__(self, name: str, settings: CircuitBreakerSettings | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, listeners: Iterable[object] = (),
+                 storage: pybreaker.CircuitBreakerStorage | None = None):
+        s = settings or CircuitBreakerSettings()
+        s.validate(f"circuit breaker {name}")  # SettingsError, a ValueError
         self.name = name
-        self.failure_threshold = failure_threshold
-        self.recovery_timeout = recovery_timeout
-        self.success_threshold = success_threshold
-        self.adaptive = adaptive
-        self.min_calls = min_calls
-        self.failure_rate = failure_rate
-        self.tight_threshold = min(failure_threshold, max(min_threshold, failure_threshold // 2))
+        self.failure_threshold = failure_threshold = s.failure_threshold
+        self.recovery_timeout = recovery_timeout = s.recovery_timeout
+        self.success_threshold = success_threshold = s.success_threshold
+        self.adaptive = s.adaptive_thresholds
+        self.min_calls = s.min_calls
+        self.failure_rate = s.failure_rate
+        self.tight_threshold = min(failure_threshold,
+                                   max(s.min_threshold, failure_threshold // 2))
         self._clock = clock
         self._listeners = list(listeners)
         self._storage = storage or pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
@@ -121,7 +106,7 @@ class ProviderBreaker:
             fail_max=failure_threshold, reset_timeout=recovery_timeout,
             success_threshold=success_threshold, state_storage=self._storage, name=name)
         self._lock = threading.Lock()
-        self._window: deque[bool] = deque(maxlen=window)   # True = success
+        self._window: deque[bool] = deque(maxlen=s.window)   # True = success
         self._window_failures = 0
         self._opened_at: float | None = None                # clock time of the last trip
         self._cool_until: float | None = None
@@ -326,17 +311,12 @@ class BreakerBoard:
     def __init__(self, names: Iterable[str], settings: CircuitBreakerSettings | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
                  storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None):
-        s = settings or CircuitBreakerSettings()
-        options = dict(failure_threshold=s.failure_threshold, recovery_timeout=s.recovery_timeout,
-                       success_threshold=s.success_threshold, adaptive=s.adaptive_thresholds,
-                       window=s.window, min_threshold=s.min_threshold,
-                       failure_rate=s.failure_rate, min_calls=s.min_calls, clock=clock)
         self._breakers: dict[str, ProviderBreaker] = {}
         for name in names:
             if name in self._breakers:
                 raise ValueError(f"duplicate provider name {name!r}")
             storage = storage_factory(name) if storage_factory else None
-            self._breakers[name] = ProviderBreaker(name, storage=storage, **options)
+            self._breakers[name] = ProviderBreaker(name, settings, clock=clock, storage=storage)
 
     def get(self, name: str) -> ProviderBreaker:
         """The breaker of provider ``name``; KeyError if there is none."""
@@ -361,7 +341,3 @@ class BreakerBoard:
     def __contains__(self, name: object) -> bool:
         return name in self._breakers
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

@@ -14,8 +14,8 @@ import time
 
 import orjson
 
-from app.errors import (NoProviderAvailable, ProxyError, UpstreamClientError, UpstreamError,
-                        UpstreamTimeout, sse_error_event)
+from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, UpstreamTimeout,
+                        sse_error_event)
 from app.observability.metrics import NullMetrics
 from app.sse import KEEPALIVE
 
@@ -38,54 +38,53 @@ class Gateway:
         self.clock = clock
         self._orphans = collections.deque()  # (on_end, outcome) of streams dropped unclosed
 
-    def complete(self, call, ctx):
-        """A whole answer from the first candidate that gives one."""
+    def complete(self, call, request, attempts):
+        """A whole answer from the first candidate that gives one (``Reply.provider`` names it);
+        every upstream attempt counts in ``attempts``."""
         self._admit_request()
         try:
             failures, unavailable = [], []
             for adapter, model, retry in self._attempts(call, unavailable):
                 outcome, started = NEUTRAL, self.clock()
                 try:
-                    reply = adapter.send(call, model, ctx, retry=retry)
+                    reply = adapter.send(call, model, request, attempts, retry=retry)
                     outcome = SUCCESS
-                    ctx.provider, ctx.usage = adapter.name, reply.usage
+                    reply.provider = adapter.name
                     return reply
-                except UpstreamClientError:
-                    ctx.provider = adapter.name
-                    raise
                 except UpstreamError as e:
                     outcome = e
                     failures.append(e)
-                    log.warning("request %s: %s; trying the next provider", ctx.request_id, e.message)
+                    log.warning("request %s: %s; trying the next provider", request.id, e.message)
                 finally:
                     self._settle(adapter, outcome, self.clock() - started)
             raise self._exhausted(call, failures, unavailable)
         finally:
             self.admission.release()
 
-    def stream(self, call, ctx):
+    def stream(self, call, request, attempts):
         """An iterable of SSE events from the first candidate whose stream starts.
 
         Failures before the first event fall back to the next provider; after it, the stream
         ends with an SSE error event. The provider's slot and the request's admission are held
-        until the stream ends or the client goes away.
+        until the stream ends or the client goes away. The relay names its ``provider`` and,
+        once the upstream sent it, its ``usage``.
         """
         self._admit_request()
         try:
-            adapter, first, events, latency = self._open_stream(call, ctx)
+            adapter, first, events, latency = self._open_stream(call, request, attempts)
         except BaseException:
             self.admission.release()
             raise
-        return StreamRelay(first, events, ctx,
+        return StreamRelay(first, events, request, adapter.name,
                            lambda outcome: self._end_stream(adapter, outcome, latency),
                            self._orphans, self.clock, self.keepalive_interval)
 
-    def _open_stream(self, call, ctx):
+    def _open_stream(self, call, request, attempts):
         failures, unavailable = [], []
         for adapter, model, retry in self._attempts(call, unavailable):
             events, started = None, self.clock()
             try:
-                events = adapter.stream(call, model, ctx, retry=retry)
+                events = adapter.stream(call, model, request, attempts, retry=retry)
                 first = self._first_event(events, started)
             except StopIteration:
                 error = UpstreamError(f"provider {adapter.name} sent an empty stream",
@@ -93,17 +92,15 @@ class Gateway:
             except UpstreamError as e:
                 error = e
             except BaseException:
-                ctx.provider = adapter.name
                 self._settle(adapter, NEUTRAL, self.clock() - started)
                 raise
             else:
-                ctx.provider = adapter.name
                 return adapter, first, events, self.clock() - started
             if events is not None:
                 events.close()
             self._settle(adapter, error, self.clock() - started)
             failures.append(error)
-            log.warning("request %s: %s; trying the next provider", ctx.request_id, error.message)
+            log.warning("request %s: %s; trying the next provider", request.id, error.message)
         raise self._exhausted(call, failures, unavailable)
 
     def _first_event(self, events, started):
@@ -196,13 +193,20 @@ class StreamRelay:
     dropped relay is freed at once, not by the cycle collector in some other code's frame.
     """
 
-    def __init__(self, first, events, ctx, on_end, orphans, clock=time.monotonic,
+    def __init__(self, first, events, request, provider, on_end, orphans, clock=time.monotonic,
                  keepalive_interval=0.0):
+        self.provider = provider
         self._on_end = on_end
         self._orphans = orphans
-        self._result = [NEUTRAL]  # written by the generator
+        self._result = [NEUTRAL, None]  # the outcome and the usage, written by the generator
         self._ended = False
-        self._gen = _relay_events(first, events, ctx, self._result, clock, keepalive_interval)
+        self._gen = _relay_events(first, events, request, provider, self._result, clock,
+                                  keepalive_interval)
+
+    @property
+    def usage(self) -> dict | None:
+        """The upstream's token counts, once its usage chunk went by."""
+        return self._result[1]
 
     def __iter__(self):
         return self
@@ -229,8 +233,9 @@ class StreamRelay:
             self._on_end(self._result[0])
 
 
-def _relay_events(first, events, ctx, result, clock, keepalive_interval):
-    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError.
+def _relay_events(first, events, request, provider, result, clock, keepalive_interval):
+    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError,
+    ``result[1]`` holds the usage chunk's counts.
 
     ``KEEPALIVE`` from below means the upstream gave nothing for the client: it goes out only
     when the client has had nothing for ``keepalive_interval`` (0: never).
@@ -239,20 +244,20 @@ def _relay_events(first, events, ctx, result, clock, keepalive_interval):
         yield first
         sent = clock()
         for event in events:
-            if ctx.client_disconnected():
+            if request.client_disconnected():
                 return  # the finally closes the upstream connection
             if event is KEEPALIVE:
                 if not keepalive_interval or clock() - sent < keepalive_interval:
                     continue
             elif b'"usage":{' in event or b'"usage": {' in event:
-                ctx.usage = _usage(event)
+                result[1] = _usage(event)
             sent = clock()
             yield event
         result[0] = SUCCESS
     except UpstreamError as e:
         result[0] = e
         log.warning("request %s: stream from %s failed after it began: %s",
-                    ctx.request_id, ctx.provider, e.message)
+                    request.id, provider, e.message)
         yield sse_error_event(e)
     except ProxyError as e:
         yield sse_error_event(e)

@@ -52,16 +52,17 @@ class AnthropicAdapter(ProviderAdapter):
                 break
         return found
 
-    def send(self, call, model, ctx, *, retry=True) -> Reply:
+    def send(self, call, model, request, attempts, *, retry=True) -> Reply:
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
-        answer = self._answer(call, self._post(payload, ctx, stream=False, retry=retry).body())
+        answer = self._answer(call, self._post(payload, request, attempts, stream=False,
+                                                          retry=retry).body())
         return Reply(orjson.dumps(answer), usage=answer.get("usage"))
 
-    def stream(self, call, model, ctx, *, retry=True):
+    def stream(self, call, model, request, attempts, *, retry=True):
         # The POST happens here, not in the generator: a refused request raises before the
         # first event, so the gateway can still fall back to another provider.
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=True)
-        response = self._post(payload, ctx, stream=True, retry=retry)
+        response = self._post(payload, request, attempts, stream=True, retry=retry)
         if response.is_json:  # a whole message where a stream was asked: replay it as one
             return replayed(call, self._answer(call, response.body()), self.name)
         options = call.body.get("stream_options") or {}
@@ -85,9 +86,10 @@ class AnthropicAdapter(ProviderAdapter):
             raise UpstreamError(f"provider {self.name} sent an answer that cannot be written "
                                 "back as JSON", provider=self.name, kind="protocol") from None
 
-    def _post(self, payload: bytes, ctx, *, stream, retry):
-        headers = {**self._headers, "X-Request-ID": ctx.request_id}
-        response = self.http.post(self._url, payload, headers, ctx, stream=stream, retry=retry)
+    def _post(self, payload: bytes, request, attempts, *, stream, retry):
+        headers = {**self._headers, "X-Request-ID": request.id}
+        response = self.http.post(self._url, payload, headers, request, attempts, stream=stream,
+                                  retry=retry)
         if not response.ok:
             raise response.failure(translate_error=openai_error,
                                    key_hint=self.key_hint(response.status))

@@ -32,6 +32,7 @@ class Reply:
     status: int = 200
     headers: dict = field(default_factory=dict)
     usage: dict | None = None  # the upstream's token counts, OpenAI-shaped
+    provider: str = ""  # the provider that answered (set by the gateway)
 
 
 class ProviderAdapter:
@@ -50,11 +51,13 @@ class ProviderAdapter:
         self.name = settings.name
         self.http = http
 
-    def send(self, call: Call, model: str, ctx, *, retry: bool = True) -> Reply:
-        """The whole answer; ``model`` is the provider's own name for the requested model."""
+    def send(self, call: Call, model: str, request, attempts, *, retry: bool = True) -> Reply:
+        """The whole answer; ``model`` is the provider's own name for the requested model.
+        ``request`` gives the id and deadline; each upstream attempt counts in ``attempts``;
+        ``retry``: whether a refused attempt may be made again here."""
         raise NotImplementedError
 
-    def stream(self, call: Call, model: str, ctx, *, retry: bool = True):
+    def stream(self, call: Call, model: str, request, attempts, *, retry: bool = True):
         """An iterator of OpenAI SSE events; it fails before its first event if it fails early."""
         raise NotImplementedError
 

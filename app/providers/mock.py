@@ -26,8 +26,8 @@ class MockAdapter(ProviderAdapter):
     def missing_key(self) -> str:
         return ""  # no network, no key
 
-    def send(self, call, model, ctx, *, retry=True) -> Reply:
-        ctx.attempts += 1
+    def send(self, call, model, request, attempts, *, retry=True) -> Reply:
+        attempts.record()
         self._wait(self.settings.latency_ms)
         if call.endpoint == "embeddings":
             answer = self._embeddings(call, model)
@@ -49,8 +49,8 @@ class MockAdapter(ProviderAdapter):
                     "usage": usage}
         return Reply(orjson.dumps(body), usage=usage)
 
-    def stream(self, call, model, ctx, *, retry=True):
-        ctx.attempts += 1
+    def stream(self, call, model, request, attempts, *, retry=True):
+        attempts.record()
         return self._stream(call, model)
 
     def _stream(self, call, model):

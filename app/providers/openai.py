@@ -42,22 +42,23 @@ class OpenAIAdapter(ProviderAdapter):
             return call.raw
         return orjson.dumps({**call.body, "model": model})
 
-    def send(self, call, model, ctx, *, retry=True) -> Reply:
-        body = self._post(call, model, ctx, stream=False, retry=retry).body()
+    def send(self, call, model, request, attempts, *, retry=True) -> Reply:
+        body = self._post(call, model, request, attempts, stream=False, retry=retry).body()
         answer = parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
         usage = answer.get("usage") if isinstance(answer, dict) else None
         return Reply(body, usage=usage if isinstance(usage, dict) else None)
 
-    def stream(self, call, model, ctx, *, retry=True):
-        response = self._post(call, model, ctx, stream=True, retry=retry)
+    def stream(self, call, model, request, attempts, *, retry=True):
+        response = self._post(call, model, request, attempts, stream=True, retry=retry)
         if response.is_json:  # a whole answer where a stream was asked: replay it as one
             return replayed(call, parse_json(response.body(), self.name), self.name)
         return self._relay(response)
 
-    def _post(self, call, model, ctx, *, stream, retry):
-        headers = {**self._headers, "X-Request-ID": ctx.request_id}
+    def _post(self, call, model, request, attempts, *, stream, retry):
+        headers = {**self._headers, "X-Request-ID": request.id}
         response = self.http.post(self.url(call.endpoint, model), self.payload(call, model),
-                                  headers, ctx, stream=stream, retry=retry)
+                                  headers, request, attempts, stream=stream,
+                                  retry=retry)
         if not response.ok:
             raise response.failure(key_hint=self.key_hint(response.status))
         return response

@@ -21,8 +21,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from app.pipeline.breakers import CLOSED, ProviderBreaker
 from app.cache import ByteCache, Entry, entry_size
+from app.pipeline.breakers import CLOSED, ProviderBreaker
+from settings import CircuitBreakerSettings
 
 log = logging.getLogger("llm_proxy.redis")
 
@@ -78,9 +79,9 @@ class RedisGuard:
         self.client = client
         self.timeout = timeout
         self._clock = clock
-        self._breaker = ProviderBreaker(
-            "redis", failure_threshold=failure_threshold, recovery_timeout=recovery_timeout,
-            success_threshold=1, adaptive=False, clock=clock)
+        self._breaker = ProviderBreaker("redis", CircuitBreakerSettings(
+            failure_threshold=failure_threshold, recovery_timeout=recovery_timeout,
+            success_threshold=1, adaptive_thresholds=False), clock=clock)
         self._breaker.add_listener(self)
         self._lock = threading.Lock()
         self._counts = {"calls": 0, "fallbacks": 0, "errors": 0, "slow": 0}

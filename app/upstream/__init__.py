@@ -35,10 +35,10 @@ class UpstreamResponse:
     """One upstream answer. ``body()`` is what ``HttpClient.post`` read (a whole answer, an
     error, or JSON sent where a stream was asked); ``events()`` relays a stream's."""
 
-    def __init__(self, response: requests.Response, client, ctx):
+    def __init__(self, response: requests.Response, client, started: float):
         self._response = response
         self._client = client
-        self._ctx = ctx
+        self._started = started  # when the request began: streams end max_duration after it
         self.status = response.status_code
         self._body: bytes | None = None
 
@@ -94,7 +94,7 @@ class UpstreamResponse:
         """
         client = self._client
         limits, name, clock = client.streaming, client.provider, client.clock
-        ends_at = self._ctx.started + limits.max_duration
+        ends_at = self._started + limits.max_duration
         last_event = clock()
         try:
             for event in iter_events(_iter_body(self._response, client), provider=name,

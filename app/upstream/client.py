@@ -81,9 +81,10 @@ class HttpClient:
         self._adapter = self.session.get_adapter("https://")
         self._headers = dict(self.session.headers)
 
-    def post(self, url, body: bytes, headers: dict, ctx, *, stream=False,
+    def post(self, url, body: bytes, headers: dict, request, attempts, *, stream=False,
              retry=True) -> UpstreamResponse:
         """POST with retries; the final answer (any status but a redirect) or UpstreamError.
+        ``request`` gives the deadline; each attempt and its time count in ``attempts``.
 
         The body of a whole answer is read here, within ``max_response_mb`` and the request's
         deadline, and so is an error's body and a JSON answer sent where a stream was asked;
@@ -93,13 +94,13 @@ class HttpClient:
         if stream:  # relay bytes as they come: no compression to undo
             headers = {**headers, "Accept-Encoding": "identity"}
         # With another provider left to try, falling back beats waiting to retry this one.
-        attempts = self.settings.retry_attempts + 1 if retry else 1
-        for attempt in range(attempts):
-            remaining = ctx.deadline - self._clock()
+        tries = self.settings.retry_attempts + 1 if retry else 1
+        deadline = request.deadline
+        for attempt in range(tries):
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 raise UpstreamTimeout("the request deadline passed before the provider answered",
                                       provider=self.provider, kind="timeout")
-            ctx.attempts += 1
             started = self._clock()
             try:
                 response = self._adapter.send(
@@ -112,24 +113,24 @@ class HttpClient:
                                         "redirect, which the proxy does not follow",
                                         provider=self.provider, upstream_status=status,
                                         kind="redirect")
-                answer = UpstreamResponse(response, self, ctx)
+                answer = UpstreamResponse(response, self, request.started)
                 if not stream or not answer.ok or answer.is_json:
-                    answer.read(ctx.deadline)
+                    answer.read(deadline)
             except requests.RequestException as e:
                 error = failed_request(e, self.provider)
-                self._finish(ctx, started, failed=True)
-                delay = self._can_retry(attempt, attempts, ctx, None) if error.retryable else None
+                self._finish(attempts, started, failed=True)
+                delay = self._can_retry(attempt, tries, deadline, None) if error.retryable else None
                 if delay is None:
                     raise error from None
                 self._sleep(delay)
                 continue
             except UpstreamError:
-                self._finish(ctx, started, failed=True)
+                self._finish(attempts, started, failed=True)
                 raise
             failed = status >= 500 or status == 429
-            self._finish(ctx, started, failed)
+            self._finish(attempts, started, failed)
             if status in RETRY_STATUSES:
-                delay = self._can_retry(attempt, attempts, ctx, answer)
+                delay = self._can_retry(attempt, tries, deadline, answer)
                 if delay is not None:
                     answer.close()
                     self._sleep(delay)
@@ -158,7 +159,7 @@ class HttpClient:
                                           timeout=(min(self.timeout[0], timeout), timeout))
         except requests.RequestException as e:
             raise failed_request(e, self.provider) from None
-        answer = UpstreamResponse(response, self, None)
+        answer = UpstreamResponse(response, self, self._clock())
         try:
             answer.read(deadline)
         finally:
@@ -180,15 +181,15 @@ class HttpClient:
         request.hooks = {"response": []}
         return request
 
-    def _finish(self, ctx, started, failed):
+    def _finish(self, attempts, started, failed):
         now = self._clock()
         self._last_used = now
-        ctx.upstream_seconds += now - started
+        attempts.record(now - started)
         self.stats.record(now - started, failed)
 
-    def _can_retry(self, attempt, attempts, ctx, response):
+    def _can_retry(self, attempt, tries, deadline, response):
         """The delay before the next attempt, or None when no attempt is left in time."""
-        if attempt >= attempts - 1:
+        if attempt >= tries - 1:
             return None
         s = self.settings
         delay = min(s.backoff_max, s.backoff_base * (2 ** attempt)) * (0.5 + self._jitter() / 2)
@@ -198,7 +199,7 @@ class HttpClient:
                 if after > s.retry_after_max:
                     return None  # the provider asks for longer than we wait: let fallback act
                 delay = max(delay, after)
-        if self._clock() + delay >= ctx.deadline:
+        if self._clock() + delay >= deadline:
             return None
         return delay
 
