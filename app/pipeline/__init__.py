@@ -72,7 +72,11 @@ class Trace:
     coalesced: bool = False
     condensed: str = ""  # summary or truncate (X-Proxy-Condensed)
     provider: str = ""  # the provider that answered
-    usage: dict | None = None  # the upstream's token counts
+    usage: dict | None = None  # the upstream's token counts (OpenAI-shaped)
+    usage_estimated: bool = False  # the upstream sent none: the proxy estimated ``usage``
+    # (model, usage) of the calls made for this request besides its answer (the summary)
+    side_usage: list[tuple[str, dict]] = field(default_factory=list)
+    cost_usd: float | None = None  # what all that usage costs at the price table
     upstream: Attempts = field(default_factory=Attempts)
 
     def served_from_cache(self, status: str, entry: Entry, now: float) -> None:
