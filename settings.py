@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import typing
@@ -47,12 +48,16 @@ class ServerSettings:
     channel_timeout: int = 120
     max_request_body_mb: float = 10.0
     workers: int = 1  # waitress processes sharing the port (SO_REUSEPORT), supervised
+    worker_index: int = field(default=0, metadata={  # which of the workers this process is
+        NOT_IN_FILE: "the supervisor gives each worker its WORKER_INDEX"})
     header_timeout: float = 30.0  # seconds a connection may take to send a request's headers
     max_header_kb: int = 64  # request line and headers; larger: 431
     shutdown_grace: float = 25.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
 
     def validate(self, path):
         _check(self.workers >= 1, f"{path}.workers", "must be at least 1")
+        _check(0 <= self.worker_index < self.workers, f"{path}.worker_index",
+               f"must be 0 or more and below workers ({self.workers})")
         _check(1 <= self.port <= 65535, f"{path}.port", "must be between 1 and 65535")
         _check(self.threads >= 1, f"{path}.threads", "must be at least 1")
         _check(self.connection_limit >= 1, f"{path}.connection_limit", "must be at least 1")
@@ -109,10 +114,13 @@ class CircuitBreakerSettings:
     min_threshold: int = 2  # the tightest threshold for a provider that has been healthy
     failure_rate: float = 0.5  # trip at this share of failures in the window...
     min_calls: int = 10  # ...once the window holds this many calls
+    # per provider that serves several models: the (provider, model) breakers kept, least
+    # recently used dropped past it (model names come from clients: memory stays bounded)
+    max_model_breakers: int = 100
 
     def validate(self, path):
         for name in ("failure_threshold", "success_threshold", "window", "min_threshold",
-                     "min_calls"):
+                     "min_calls", "max_model_breakers"):
             _check(getattr(self, name) >= 1, f"{path}.{name}", "must be at least 1")
         _check(self.recovery_timeout > 0, f"{path}.recovery_timeout", "must be positive")
         _check(0 < self.failure_rate <= 1, f"{path}.failure_rate", "must be in (0, 1]")
@@ -129,6 +137,9 @@ class CacheSettings:
     stale_ttl: float = 600.0  # serve an answer this long past its TTL when every provider fails
     coalesce: bool = True  # identical requests in flight share one upstream call
     disabled_models: list[str] = field(default_factory=list)  # names or glob patterns
+    # key: each API key sees only the answers and summaries made for it; shared: every key
+    # sees every other's (more hits, but a key can learn what others asked: docs/security.md)
+    scope: str = "key"
 
     def validate(self, path):
         for name in ("response_cache_size", "summary_cache_size"):
@@ -136,6 +147,8 @@ class CacheSettings:
         for name in ("response_cache_ttl", "summary_cache_ttl", "max_memory_mb"):
             _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
         _check(self.stale_ttl >= 0, f"{path}.stale_ttl", "must be 0 or more")
+        _check(self.scope in ("key", "shared"), f"{path}.scope",
+               f"must be key or shared, got {self.scope!r}")
 
 
 @dataclass
@@ -189,6 +202,42 @@ class ObservabilitySettings:
                f"must be json or text, got {self.access_log_format!r}")
 
 
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")  # USD per million tokens
+
+
+@dataclass
+class PricingSettings:
+    """What answers cost (app/pricing.py): ``models`` entries, each ``model`` (a name or a glob
+    pattern) with its prices, go over the built-in table, which ``defaults: false`` turns off."""
+    defaults: bool = True
+    models: list[dict[str, object]] = field(default_factory=list)
+
+    def validate(self, path):
+        seen = set()
+        for i, entry in enumerate(self.models):
+            where = f"{path}.models[{i}]"
+            _check(isinstance(entry, dict), where, "must be a mapping with model, input and "
+                   "output (USD per million tokens)")
+            for name in sorted(set(entry) - {"model", *PRICE_FIELDS}):
+                raise SettingsError(f"unknown field (known: model, {', '.join(PRICE_FIELDS)})",
+                                    f"{where}.{name}")
+            model = entry.get("model")
+            _check(isinstance(model, str) and model.strip() != "", f"{where}.model",
+                   "must be a model name or glob pattern")
+            model = model.strip()
+            _check(model not in seen, f"{where}.model", f"{model!r} is priced twice")
+            seen.add(model)
+            for name in PRICE_FIELDS:
+                value = entry.get(name)
+                if value is None:
+                    _check(name not in ("input", "output"), f"{where}.{name}",
+                           "required (USD per million tokens; 0 for none)")
+                    continue
+                _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and math.isfinite(value) and value >= 0, f"{where}.{name}",
+                       f"must be a number of USD per million tokens, 0 or more, got {value!r}")
+
+
 @dataclass
 class AuthSettings:
     api_keys_required: bool = False  # API_KEYS_REQUIRED; without it, no key = anonymous tenant
@@ -199,14 +248,26 @@ class AuthSettings:
     models: list[str] = field(default_factory=list)  # default allow-list (empty: every model)
     requests_per_minute: int = 0  # RATE_LIMIT_REQUESTS per key and for anonymous; 0: no limit
     tokens_per_minute: int = 0
-    max_in_flight: int = 0
+    max_in_flight: int = 0  # default per key; 0: none, tenant_in_flight_share applies
+    # The fraction of a process's request slots (Settings.max_in_flight) a key without a
+    # max_in_flight may hold at once; 0: no such cap. The anonymous tenant of a deployment
+    # without keys is never capped by it: it is the only tenant.
+    tenant_in_flight_share: float = 0.5
+    # answer tokens a request reserves from its key's tokens_per_minute when it sets no
+    # max_tokens (besides its estimated prompt); settled to the real usage at the end
+    reserve_completion_tokens: int = 1024
     window: float = 60.0  # seconds the per-minute limits refer to
     metrics_require_key: bool = False  # /metrics needs the admin key or a client key
+    providers_require_admin: bool = False  # /providers needs the admin key (not a client key)
 
     def validate(self, path):
         _check(self.window > 0, f"{path}.window", "must be positive")
         for name in LIMIT_FIELDS:
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be 0 (no limit) or more")
+        _check(0 <= self.tenant_in_flight_share <= 1, f"{path}.tenant_in_flight_share",
+               "must be a fraction from 0 (no default share) to 1")
+        _check(self.reserve_completion_tokens >= 0, f"{path}.reserve_completion_tokens",
+               "must be 0 or more")
         try:
             self.client_keys()
         except ValueError as e:
@@ -215,11 +276,20 @@ class AuthSettings:
     def client_keys(self) -> ClientKeys:
         """The client keys, checked and hashed (``app.auth.KeyStore`` serves them); ValueError
         naming a bad entry."""
+        # max_in_flight 0 here is no default: each key then gets the in-flight share
         defaults = {"models": self.models, "requests_per_minute": self.requests_per_minute,
                     "tokens_per_minute": self.tokens_per_minute,
-                    "max_in_flight": self.max_in_flight}
+                    "max_in_flight": self.max_in_flight or None}
         return parse_client_keys(self.api_keys, self.env_keys, required=self.api_keys_required,
                                  defaults=defaults)
+
+    def in_flight_share(self, capacity: int) -> int | None:
+        """The requests a key without a max_in_flight may hold at once in a process that serves
+        ``capacity`` at once (``Settings.max_in_flight``): at least 1; None when there is no
+        share (``tenant_in_flight_share`` 0)."""
+        if not self.tenant_in_flight_share:
+            return None
+        return max(1, int(capacity * self.tenant_in_flight_share))
 
 
 # -- client API keys: read and checked here, so that a bad one stops start-up -----------------
@@ -272,7 +342,10 @@ def parse_client_keys(entries: list | None, env_value: str | None, *, required: 
     ``env_value``: ``"id1:key1,id2:key2"`` (see ``parse_env_keys``); these keys get the
     defaults. ``defaults``: the same limit fields and ``models``; they apply to the anonymous
     tenant and to every key that leaves a field out (or sets it to null). A limit of 0 is
-    unlimited even where the default is not. Raises ValueError naming the bad entry.
+    unlimited even where the default is not. A ``max_in_flight`` left None (by the key and the
+    defaults) is the proxy's default in-flight share (``AuthSettings.tenant_in_flight_share``),
+    except for the anonymous tenant of a deployment without keys, which gets 0 (unlimited).
+    Raises ValueError naming the bad entry.
     """
     base = _key_defaults(defaults or {})
     records: list[KeyRecord] = []
@@ -295,6 +368,8 @@ def parse_client_keys(entries: list | None, env_value: str | None, *, required: 
     if required and not records:
         raise ValueError(f"API keys are required but none is configured "
                          f"(api_keys in the config file or {env_name})")
+    if not records and base[3] is None:  # no keys: anonymous is the only tenant, it keeps
+        base = (*base[:3], 0)              # every request slot (no default in-flight share)
     return ClientKeys(tuple(records), KeyRecord(ANONYMOUS, "", *base), required)
 
 
@@ -363,7 +438,9 @@ def _key_defaults(defaults: Mapping) -> tuple:
 
 
 def _key_limits(entry: Mapping, label: str, base: tuple) -> tuple:
-    """(models, requests_per_minute, tokens_per_minute, max_in_flight); absent/None: ``base``."""
+    """(models, requests_per_minute, tokens_per_minute, max_in_flight); absent/None: ``base``.
+    A rate of 0 is None (unlimited); a max_in_flight of 0 stays 0 (unlimited), since None
+    there means "none of its own": the proxy's default in-flight share applies."""
     models = entry.get("models")
     if models is None:
         models = base[0]
@@ -379,7 +456,7 @@ def _key_limits(entry: Mapping, label: str, base: tuple) -> tuple:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label}: {name} must be a whole number, 0 or more "
                              f"(0: unlimited), got {value!r}")
-        out.append(value or None)
+        out.append(value if name == "max_in_flight" else value or None)
     return tuple(out)
 
 
@@ -433,6 +510,7 @@ class ProviderSettings:
     timeout: float = 0.0  # 0: the http_client timeout
     headers: dict[str, str] = field(default_factory=dict)
     api_version: str = "2024-10-21"  # azure_openai only
+    stream_usage: bool = True  # openai, azure_openai: ask streams' usage (stream_options)
     max_tokens_default: int = 4096  # anthropic only: its API requires max_tokens
     latency_ms: float = 0.0  # mock only: delay before the answer
     chunk_delay_ms: float = 0.0  # mock only: delay between streamed chunks
@@ -475,6 +553,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    pricing: PricingSettings = field(default_factory=PricingSettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
     @property
@@ -501,6 +580,7 @@ class Settings:
         self.auth.validate("auth")
         self.redis.validate("redis")
         self.observability.validate("observability")
+        self.pricing.validate("pricing")
         names = set()
         for i, provider in enumerate(self.providers):
             provider.validate(f"providers[{i}]")
@@ -514,7 +594,9 @@ PRODUCTION_PROFILE = {
     "log_level": "WARNING",
     "server": {"host": "0.0.0.0", "threads": 256, "connection_limit": 2000},
     "cache": {"max_memory_mb": 1024},
-    "auth": {"api_keys_required": True, "requests_per_minute": 10000},
+    "auth": {"api_keys_required": True, "requests_per_minute": 10000,
+             # what one tenant must not see of the others' setup and traffic
+             "metrics_require_key": True, "providers_require_admin": True},
 }
 
 # Environment variable -> (section or None, field).
@@ -554,6 +636,7 @@ ENV_VARS = {
     "CACHE_MAX_MEMORY_MB": ("cache", "max_memory_mb"),
     "CACHE_RESPONSE_TTL": ("cache", "response_cache_ttl"),
     "CACHE_STALE_TTL": ("cache", "stale_ttl"),
+    "CACHE_SCOPE": ("cache", "scope"),
     "CONDENSE_ENABLED": ("condense", "enabled"),
     "CONDENSE_THRESHOLD_TOKENS": ("condense", "threshold_tokens"),
     "CONDENSE_SUMMARY_MODEL": ("condense", "summary_model"),
@@ -564,12 +647,17 @@ ENV_VARS = {
     "METRICS_ENABLED": ("observability", "metrics_enabled"),
     "ACCESS_LOG_ENABLED": ("observability", "access_log"),
     "ACCESS_LOG_FORMAT": ("observability", "access_log_format"),
+    "PRICING_DEFAULTS": ("pricing", "defaults"),
     "API_KEYS_REQUIRED": ("auth", "api_keys_required"),
     "PROXY_API_KEYS": ("auth", "env_keys"),
     "RATE_LIMIT_REQUESTS": ("auth", "requests_per_minute"),
     "RATE_LIMIT_TOKENS": ("auth", "tokens_per_minute"),
+    "TENANT_IN_FLIGHT_SHARE": ("auth", "tenant_in_flight_share"),
+    "RESERVE_COMPLETION_TOKENS": ("auth", "reserve_completion_tokens"),
     "METRICS_REQUIRE_KEY": ("auth", "metrics_require_key"),
+    "PROVIDERS_REQUIRE_ADMIN": ("auth", "providers_require_admin"),
     "WORKERS": ("server", "workers"),
+    "WORKER_INDEX": ("server", "worker_index"),  # set by the supervisor for each worker
     "REDIS_URL": ("redis", "url"),
 }
 

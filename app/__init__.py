@@ -19,12 +19,14 @@ from app.pipeline import Pipeline
 from app.pipeline.breakers import BreakerBoard
 from app.pipeline.bulkhead import Bulkhead
 from app.pipeline.gateway import Gateway
-from app.pipeline.limits import RateLimiter
+from app.pipeline.limits import RateLimiter, WorkerShare
 from app.pipeline.router import Router
+from app.pricing import PriceTable
 from app.providers import build_provider
 from app.providers.discovery import ModelDiscovery
 from app.runtime.memory import MemoryManager
 from app.state import SharedState
+from app.upstream.secrets import Secrets
 from settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("llm_proxy")
@@ -40,7 +42,10 @@ class LLMProxy:
         self.metrics = NullMetrics()
         o = settings.observability
         self.access_log = AccessLog(enabled=o.access_log, fmt=o.access_log_format)
-        self.providers = [build_provider(p, settings, clock=clock) for p in settings.providers]
+        # Every key the proxy knows, scrubbed from whatever any upstream sends back.
+        self.secrets = Secrets.from_settings(settings)
+        self.providers = [build_provider(p, settings, secrets=self.secrets, clock=clock)
+                          for p in settings.providers]
         for adapter in self.providers:
             if adapter.settings.enabled and adapter.missing_key:
                 log.warning("provider %s: its key variable %s is unset: its calls go without a "
@@ -55,6 +60,7 @@ class LLMProxy:
         self.admission = Bulkhead(settings.max_in_flight)
         self.router = Router(self.providers, strategy=settings.routing.strategy,
                              load=lambda name: self.bulkheads[name].in_flight)
+        self.prices = PriceTable.from_settings(settings.pricing, router=self.router)
         self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
                                clock=clock,
                                keepalive_interval=settings.streaming.keepalive_interval)
@@ -69,11 +75,7 @@ class LLMProxy:
         # this process's memory: never the shared caches
         self.memory = MemoryManager(local_caches, settings.memory_manager, clock=clock)
         self.keys = KeyStore.from_keys(settings.auth.client_keys())
-        if self.shared:  # buckets shared across machines need wall-clock time
-            self.limiter = RateLimiter(self.shared.limit_store(), clock=time.time,
-                                       window=settings.auth.window)
-        else:
-            self.limiter = RateLimiter(clock=clock, window=settings.auth.window)
+        self.limiter = self._limiter(settings, clock)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline)
         self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway,
@@ -83,6 +85,17 @@ class LLMProxy:
         self.discovery = ModelDiscovery(self.providers, self.router, interval=interval)
         if interval:
             self.discovery.start()
+
+    def _limiter(self, settings: Settings, clock) -> RateLimiter:
+        """The rate limiter: buckets in Redis, exact across processes, or in this process,
+        which then enforces its worker's share of every limit (``WorkerShare``)."""
+        auth = settings.auth
+        options = dict(window=auth.window, reserve_completion=auth.reserve_completion_tokens,
+                       in_flight_share=auth.in_flight_share(settings.max_in_flight))
+        if self.shared:  # buckets shared across machines need wall-clock time
+            return RateLimiter(self.shared.limit_store(), clock=time.time, **options)
+        share = WorkerShare(settings.server.worker_index, settings.server.workers)
+        return RateLimiter(clock=clock, share=share, **options)
 
     def attach_metrics(self, metrics):
         """Metrics need the Flask app; they are attached once it exists."""

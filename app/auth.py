@@ -28,7 +28,11 @@ class Tenant:
     """The identity a request runs as: a configured key's id, or the anonymous client.
 
     ``models`` are glob patterns (case-sensitive, like the router's); empty allows every model.
-    A limit of None or 0 means unlimited.
+    A rate limit of None or 0 means unlimited. ``max_in_flight`` 0 is unlimited, and None is
+    "none of its own": the proxy's default share of its request slots applies
+    (``auth.tenant_in_flight_share``, see ``RateLimiter``), so one tenant cannot take every
+    slot. The configured limits are the deployment's; a worker that keeps its own counts
+    enforces its share of them (``WorkerShare``).
     """
 
     id: str
@@ -81,7 +85,9 @@ class KeyStore:
                  anonymous: Tenant | None = None):
         self.records = list(keys)
         self.required = required
-        self.anonymous = anonymous or Tenant(ANONYMOUS, anonymous=True)
+        # without keys the anonymous tenant is the only one: no default in-flight share
+        self.anonymous = anonymous or Tenant(ANONYMOUS, max_in_flight=None if self.records else 0,
+                                             anonymous=True)
         self._entries = [(bytes.fromhex(r.sha256), Tenant.of(r)) for r in self.records]
 
     @property

@@ -98,6 +98,11 @@ class UpstreamTimeout(UpstreamError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
 
 
+class UpstreamRateLimited(UpstreamError):
+    """Every provider of the model rate limited it (HTTP 429, or cooling down after one)."""
+    status, type, code = 429, "rate_limit_error", "upstream_rate_limited"
+
+
 class SummaryFailed(UpstreamError):
     """The summarizing model answered, but with no usable summary text."""
     code = "summary_failed"

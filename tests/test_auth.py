@@ -170,7 +170,7 @@ def test_hashed_key_from_config_carries_its_own_limits_and_inherits_the_rest():
                  defaults={"requests_per_minute": 60, "tokens_per_minute": 5000,
                            "max_in_flight": 4})
     tenant = keys.authenticate(bearer(KEY_A))
-    assert tenant == Tenant("team-a", (), 10, 5000, None)  # max_in_flight 0: unlimited
+    assert tenant == Tenant("team-a", (), 10, 5000, 0)  # max_in_flight 0: unlimited
 
 
 def test_uppercase_hex_digest_is_accepted():

@@ -35,6 +35,8 @@ MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "llm-proxy.json"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HOST_KEYS = "ops:test-client-key-0123456789"  # what an operator passes as PROXY_API_KEYS
+HOST_KEY = HOST_KEYS.split(":", 1)[1]  # a client key: production's /metrics wants one
+SCRAPE_KEY = "test-scrape-key-0123456789"  # METRICS_SCRAPE_KEY, Prometheus's in compose
 # Read by the proxy besides settings.ENV_VARS: the config path and the default providers' keys.
 OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -57,8 +59,9 @@ def tool(name: str) -> str:
     pytest.skip(message)
 
 
-def get(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def get(url: str, timeout: float = 2.0, headers: dict | None = None):
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.status, response.read()
 
 
@@ -207,7 +210,7 @@ def image(context, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(image) -> set[str]:
     """Every series name the proxy exports: histograms as _bucket/_sum/_count, counters _total."""
-    _, text = get(image.url + "/metrics")
+    _, text = get(image.url + "/metrics", headers={"Authorization": f"Bearer {HOST_KEY}"})
     names = set()
     for family in text_string_to_metric_families(text.decode()):
         names.update(s.name for s in family.samples)
@@ -366,15 +369,17 @@ def test_compose_sets_only_variables_the_proxy_reads():
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY"):
         assert environment[key] == f"${{{key}:-}}", f"{key} must come from the host"
     # Production refuses to start without client keys: compose must ask for them, not let
-    # the container crash-loop under restart: unless-stopped.
-    assert re.fullmatch(r"\$\{PROXY_API_KEYS:\?[^}]+\}", environment["PROXY_API_KEYS"])
+    # the container crash-loop under restart: unless-stopped. Prometheus's key is one of them.
+    assert re.fullmatch(r"\$\{PROXY_API_KEYS:\?[^}]+\},metrics-scraper:"
+                        r"\$\{METRICS_SCRAPE_KEY:\?[^}]+\}", environment["PROXY_API_KEYS"])
 
 
 def test_the_proxy_starts_with_the_compose_environment(tmp_path, monkeypatch):
     """The values compose would give the container (host env empty) make valid settings."""
     monkeypatch.chdir(tmp_path)  # no config.yaml from the checkout
     environment = compose()["services"]["llm-proxy"]["environment"]
-    resolved = {k: interpolate(k, v, {"PROXY_API_KEYS": HOST_KEYS})
+    resolved = {k: interpolate(k, v, {"PROXY_API_KEYS": HOST_KEYS,
+                                      "METRICS_SCRAPE_KEY": SCRAPE_KEY})
                 for k, v in environment.items()}
     environ = {k: v for k, v in resolved.items() if v is not None}
     settings = load_settings(environ)
@@ -389,7 +394,8 @@ def test_compose_keeps_secrets_out_of_the_file():
         environment = service.get("environment") or {}
         for key, value in environment.items():
             if re.search(r"KEY|PASSWORD|SECRET|TOKEN", key):
-                assert value is None or re.fullmatch(r"\$\{\w+(:-|:\?[^}]*)?\}", str(value)), \
+                assert value is None or re.fullmatch(r"(\$\{\w+(:-|:\?[^}]*)?\}|,[\w-]+:)+",
+                                                     str(value)), \
                     f"{name}.{key} must come from the environment"
     password = compose()["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert re.fullmatch(r"\$\{\w+(:\?[^}]*)?\}", password), "no default Grafana password"
@@ -397,7 +403,8 @@ def test_compose_keeps_secrets_out_of_the_file():
         interpolate("GF_SECURITY_ADMIN_PASSWORD", password, {})
 
 
-OPERATOR = {"PROXY_API_KEYS": HOST_KEYS, "GRAFANA_ADMIN_PASSWORD": "a-long-grafana-password"}
+OPERATOR = {"PROXY_API_KEYS": HOST_KEYS, "GRAFANA_ADMIN_PASSWORD": "a-long-grafana-password",
+            "METRICS_SCRAPE_KEY": SCRAPE_KEY}
 
 
 def test_compose_up_without_proxy_api_keys_stops_with_the_files_message():
@@ -559,8 +566,16 @@ def promtool(*args):
     return result.stdout
 
 
-def test_promtool_accepts_the_prometheus_config():
-    assert "SUCCESS" in promtool("check", "config", "monitoring/prometheus.yml")
+def test_promtool_accepts_the_prometheus_config(tmp_path):
+    """As compose runs it: with the scrape key's file (a compose secret) where it says."""
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["rule_files"] = [str(MONITORING / f) for f in config["rule_files"]]
+    for job in config["scrape_configs"]:
+        if "authorization" in job:
+            (tmp_path / "key").write_text(SCRAPE_KEY)
+            job["authorization"]["credentials_file"] = str(tmp_path / "key")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    assert "SUCCESS" in promtool("check", "config", str(tmp_path / "prometheus.yml"))
 
 
 def test_promtool_accepts_the_alert_rules():
@@ -638,6 +653,9 @@ def test_prometheus_scrapes_the_proxy_with_the_stacks_config(image, tmp_path):
     targets = {"llm-proxy": f"127.0.0.1:{image.port}", "prometheus": f"127.0.0.1:{port}"}
     for job in config["scrape_configs"]:
         job["static_configs"][0]["targets"] = [targets[job["job_name"]]]
+        if "authorization" in job:  # the proxy's /metrics wants a key: a client key of its
+            (tmp_path / "scrape-key").write_text(HOST_KEY)
+            job["authorization"]["credentials_file"] = str(tmp_path / "scrape-key")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "prometheus.log", "wb")
     process = subprocess.Popen(

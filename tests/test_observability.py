@@ -155,7 +155,7 @@ def test_the_json_view_has_the_documented_sections(app):
     for response in (app.test_client().get("/metrics?format=json"),
                      app.test_client().get("/metrics", headers={"Accept": "application/json"})):
         body = response.json
-        assert set(body) == {"system", "performance", "caches", "circuit_breakers"}
+        assert set(body) == {"system", "performance", "caches", "circuit_breakers", "costs"}
         assert set(body["performance"]) == {"http_client", "memory"}
         assert isinstance(body["caches"]["response_cache"]["hit_rate"], float)
         assert "summary_cache" in body["caches"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 
 from app.runtime.supervision import SupervisorState
-from app.runtime.workers import Supervisor
+from app.runtime.workers import Supervisor, split_limits
+from settings import build_settings
 from tests.conftest import FakeClock
 from tests.processes import free_port
 
@@ -373,3 +374,73 @@ def test_a_bad_workers_value_stops_start_up_with_one_line(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith("llm-proxy: bad configuration: ") and "server.workers" in line \
         and "at least 1" in line, line
+
+
+def _post_chat(port, timeout=5.0):
+    """One chat request on a new connection (so the kernel picks a worker for each)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            headers={"Content-Type": "application/json", "Connection": "close"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_two_workers_without_redis_admit_no_more_than_the_limit_in_all(tmp_path):
+    """5 requests a minute (over an hour's window: nothing refills during the test) and two
+    workers that keep their own counts: worker 0 admits 3, worker 1 admits 2, and 40 requests
+    spread over both get exactly 5 answers, where each worker used to admit all 5. Start-up
+    says so, and recommends REDIS_URL."""
+    port = free_port()
+    env = _worker_env(tmp_path, port, WORKERS="2", RATE_LIMIT_REQUESTS="5")
+    env.pop("REDIS_URL", None)
+    (tmp_path / "proxy.yaml").write_text(
+        "auth: {window: 3600}\nproviders: [{name: mock, type: mock, models: [m]}]\n")
+    out = open(tmp_path / "supervisor.log", "wb")
+    supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        seen: set[int] = set()
+
+        def both_listen():
+            pid = _pid(port)
+            if pid:
+                seen.add(pid)
+            return len(seen) >= 2
+
+        assert _wait_for(both_listen, 30), (tmp_path / "supervisor.log").read_text()
+        answers = [_post_chat(port) for _ in range(40)]
+        codes = [status for status, _ in answers]
+        assert codes.count(200) == 5 and codes.count(429) == 35
+        messages = {body["error"]["message"] for status, body in answers if status == 429}
+        assert all("this worker's share of 5: the limit is split over 2 proxy workers" in m
+                   for m in messages)
+        assert any("3 requests per 3600 s" in m for m in messages)
+        assert any("2 requests per 3600 s" in m for m in messages)
+        log = (tmp_path / "supervisor.log").read_text()
+        assert "2 workers without REDIS_URL: each keeps its own rate-limit counts" in log
+        assert "Set REDIS_URL to share exact limits across the workers" in log
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=20)
+        finally:
+            _kill_tree(supervisor)
+            out.close()
+
+
+def test_start_up_names_the_keys_whose_limit_is_below_the_worker_count():
+    settings = build_settings({
+        "server": {"workers": 3},
+        "auth": {"api_keys_required": True, "requests_per_minute": 60, "api_keys": [
+            {"id": "tiny", "sha256": "a" * 64, "requests_per_minute": 2, "max_in_flight": 1},
+            {"id": "big", "sha256": "b" * 64}]},
+        "providers": [{"name": "mock", "type": "mock", "models": ["m"]}]})
+    lines = split_limits(settings)
+    assert lines[0].startswith("3 workers without REDIS_URL: each keeps its own rate-limit "
+                               "counts and enforces its share of every key's limits")
+    assert lines[1:] == ["API key 'tiny': limits below the 3 workers (requests_per_minute 2, "
+                         "max_in_flight 1): the workers whose share of a limit is 0 refuse it"]

@@ -11,8 +11,10 @@ from functools import partial
 from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app.errors import PayloadTooLarge, ProxyError, error_body
+from app.auth import presented_key
+from app.errors import AuthError, PayloadTooLarge, ProxyError, error_body
 from app.pipeline import Request, Trace
+from settings import ANONYMOUS
 
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -69,7 +71,9 @@ def _proxy_headers(response):
         headers["X-Proxy-Coalesced"] = "true"
     if trace.condensed:
         headers["X-Proxy-Condensed"] = trace.condensed
-    if request.endpoint and request.endpoint.removesuffix("_unversioned") in _PROXIED:
+    proxied = bool(request.endpoint) and request.endpoint.removesuffix("_unversioned") in _PROXIED
+    cost = None
+    if proxied:
         # Every answer to a proxied call, errors and cache hits included: attempts 0 when no
         # upstream was called; no provider header rather than an empty one when none answered
         # (a gateway 502/503/504, a refusal, a stored answer whose provider is not kept).
@@ -78,28 +82,56 @@ def _proxy_headers(response):
             headers["X-Proxy-Provider"] = trace.provider
         headers["X-Proxy-Attempts"] = str(trace.upstream.count)
         headers["X-Proxy-Overhead-Ms"] = f"{overhead:.3f}"
+        if not response.is_streamed:  # a stream's usage is known after its headers: _finished
+            cost = _price(llm_proxy, trace)
+            headers["X-Proxy-Cost-USD"] = f"{cost.usd:.8f}"
     if trace.admission is not None:
         headers.update(trace.admission.headers())
     path = request.path
     if not path.startswith("/metrics"):  # scrapes are not counted
         rule = request.url_rule.rule if request.url_rule is not None else "none"
         response.call_on_close(partial(_finished, llm_proxy, req, trace, request.method, path,
-                                       rule, response.status_code, response.is_streamed))
+                                       rule, response.status_code, response.is_streamed,
+                                       proxied, cost))
     return response
 
 
+def _price(llm_proxy, trace):
+    """The request's cost at the price table (app/pricing.py), computed once its usage is
+    final, into ``trace.cost_usd`` for the header, the access log and the metrics."""
+    cost = llm_proxy.prices.cost(trace)
+    trace.cost_usd = cost.usd
+    return cost
+
+
 def authenticate():
-    """Before a client route: the tenant of the request's API key (401 when it has none)."""
-    g.request = replace(g.request, tenant=proxy().keys.authenticate(request.headers))
+    """Before a client route: the tenant of the request's API key (401 when it has none), and
+    the key itself, which no upstream's answer may carry back (app/upstream/secrets.py)."""
+    tenant = proxy().keys.authenticate(request.headers)
+    g.request = replace(g.request, tenant=tenant, client_key=_client_key(request.headers))
 
 
-def _finished(llm_proxy, req, trace, method, path, rule, status, streamed):
-    """After the last byte (of a stream too): the request's metrics and access log line."""
+def _client_key(headers) -> str:
+    try:
+        return presented_key(headers) or ""
+    except AuthError:  # malformed: refused above when keys are checked, ignored when not
+        return ""
+
+
+def _finished(llm_proxy, req, trace, method, path, rule, status, streamed, proxied=False,
+              cost=None):
+    """After the last byte (of a stream too): the request's metrics and access log line; a
+    proxied stream's cost (``cost`` None: its usage came with its last events)."""
     seconds = llm_proxy.clock() - req.started
     llm_proxy.metrics.http_request(method, rule, status, seconds)
     if path.startswith(_QUIET_PATHS):
         return  # probes: counted, not logged
     llm_proxy.metrics.request_done(trace, seconds, streamed)
+    if proxied:
+        if cost is None:
+            cost = _price(llm_proxy, trace)
+        key_id = req.tenant.id if req.tenant else ANONYMOUS
+        llm_proxy.metrics.answer_cost(key_id, trace, cost)
     llm_proxy.access_log.record(req, trace, method=method, path=path, status=status,
                                 total_ms=seconds * 1000)
 

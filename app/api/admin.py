@@ -25,14 +25,15 @@ def require_admin_key():
 
 @bp.post("/circuit-breakers/reset")
 def reset_breakers():
-    """Close every breaker, or the one named by ``?name=``."""
+    """Close every breaker, or provider ``?name=``'s: the provider's and its models'."""
     breakers = proxy().breakers
     name = request.args.get("name")
     if name is not None and name not in breakers:
         raise NotFound(f"No provider named {name!r}.", code="provider_not_found")
     breakers.reset(name)
     return Response(orjson.dumps({"reset": [name] if name else [b.name for b in breakers],
-                                  "circuit_breakers": breakers.snapshot()}),
+                                  "circuit_breakers": breakers.snapshot(),
+                                  "model_breakers": breakers.open_models()}),
                     mimetype="application/json")
 
 

@@ -1,12 +1,13 @@
 """``/health`` (every check, no upstream call), ``/health/live`` and ``/health/ready``; no upstream calls.
 
 Status rules: ``unhealthy`` (HTTP 503) when no provider can serve or memory is critical;
-``warning`` (HTTP 200) when a check warns (a breaker open, an enabled provider whose key
-variable is unset, memory past its threshold, an upstream error rate over 10% across at least
-20 calls, Redis unreachable while the proxy serves from its local stores); ``healthy``
-otherwise. The ``providers`` check names each unset key variable in ``missing_keys``, there
-only when one is: otherwise every check keeps its documented fields. The ``redis`` check is there
-only with ``REDIS_URL``.
+``warning`` (HTTP 200) when a check warns (a breaker open, a provider's or a model's, an
+enabled provider whose key variable is unset, memory past its threshold, an upstream error rate
+over 10% across at least 20 calls, Redis unreachable while the proxy serves from its local
+stores); ``healthy`` otherwise. The ``providers`` check names each unset key variable in
+``missing_keys``, there only when one is: otherwise every check keeps its documented fields; so
+does the ``circuit_breakers`` check with ``open_models``, the models kept away now (their
+breaker open or cooling down). The ``redis`` check is there only with ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -98,8 +99,18 @@ def _http_client(llm_proxy):
 def _breakers(llm_proxy):
     states = [s["state"] for s in llm_proxy.breakers.snapshot().values()]
     closed = states.count("closed")
-    return {"status": "healthy" if closed == len(states) else "warning", "total": len(states),
-            "open": len(states) - closed, "closed": closed}
+    models = llm_proxy.breakers.open_models()
+    # a model only cooling down after a 429 is listed, but is no warning: its circuit is closed
+    healthy = closed == len(states) and all(
+        snap["state"] == "closed" for found in models.values() for snap in found.values())
+    check = {"status": "healthy" if healthy else "warning", "total": len(states),
+             "open": len(states) - closed, "closed": closed}
+    if models:  # one model's trouble, the provider's other models still served
+        check["open_models"] = {
+            provider: {model: {"state": snap["state"], "retry_in": snap["retry_in"]}
+                       for model, snap in found.items()}
+            for provider, found in models.items()}
+    return check
 
 
 def _redis(llm_proxy):

@@ -42,15 +42,19 @@ def embeddings():
 @_route("/models", methods=["GET"])
 def models():
     """Every name and alias served, and the listed models behind the patterns (no upstream
-    call: ``ModelDiscovery`` asked in the background)."""
-    data = [_model(name, owner, created) for name, owner, created in proxy().router.models()]
+    call: ``ModelDiscovery`` asked in the background): those the key may use, so a tenant
+    learns nothing of the models it may not."""
+    tenant = g.request.tenant
+    data = [_model(name, owner, created) for name, owner, created in proxy().router.models()
+            if tenant.allows_model(name)]
     return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
 
 
 @_route("/models/<path:model>", methods=["GET"])
 def model(model):
-    """One model in OpenAI's shape (ids such as ``org/name`` have slashes), or a 404."""
-    found = proxy().router.model(model)
+    """One model in OpenAI's shape (ids such as ``org/name`` have slashes), or a 404, also for
+    a model the key may not use (the same 404: whether it exists is not the key's business)."""
+    found = proxy().router.model(model) if g.request.tenant.allows_model(model) else None
     if found is None:
         raise ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy.",
                             param="model")
@@ -69,8 +73,20 @@ def _serve(endpoint):
     stream = endpoint != "embeddings" and body.get("stream") is True
     call = Call(endpoint, body, raw, stream)
     pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
-    if stream:
-        events = pipeline.stream(call, g.request, g.trace, cache_control)
-        return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-    reply = pipeline.complete(call, g.request, g.trace, cache_control)
+    try:
+        if stream:
+            events = pipeline.stream(call, g.request, g.trace, cache_control)
+            return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+        reply = pipeline.complete(call, g.request, g.trace, cache_control)
+    except ModelNotFound as e:
+        raise _unlisted(e, body["model"], g.request.tenant) from None
     return Response(reply.body, status=reply.status, mimetype="application/json")
+
+
+def _unlisted(error, model, tenant):
+    """The router's 404 lists every model served: for a key with an allow-list, one that names
+    none, so a tenant learns of no model it may not use."""
+    if error.code != ModelNotFound.code or not tenant.models:
+        return error
+    return ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy. "
+                         "GET /v1/models lists the models this key may use.", param="model")

@@ -22,6 +22,7 @@ from cachetools import Cache, TTLCache
 ENTRY_OVERHEAD = 320
 
 MB = 1024 * 1024
+KEY_SCOPE, SHARED_SCOPE = "key", "shared"  # the ``cache.scope`` setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +89,21 @@ class ByteCache:
     LRU order like any other; a `get` on them is a miss and does not refresh their recency.
 
     One lock guards every access; no caller code runs under it.
+
+    ``scope`` says whose entries it holds: "key" (each API key its own) or "shared" (every
+    key's); the callers that make its keys read it (``cache_scope``).
     """
 
     def __init__(self, name: str, maxsize: int, ttl: float, max_bytes: int,
-                 clock=time.monotonic, stale_ttl: float = 0.0):
+                 clock=time.monotonic, stale_ttl: float = 0.0, scope: str = "key"):
         if maxsize < 1 or max_bytes < 1:
             raise ValueError("maxsize and max_bytes must be at least 1")
         if ttl <= 0 or stale_ttl < 0:
             raise ValueError("ttl must be positive and stale_ttl non-negative")
+        if scope not in (KEY_SCOPE, SHARED_SCOPE):
+            raise ValueError("scope must be 'key' or 'shared'")
         self.name = name
+        self.scope = scope
         self.maxsize = int(maxsize)
         self.max_bytes = int(max_bytes)
         self.ttl = float(ttl)
@@ -215,13 +222,25 @@ class ByteCache:
         return now < entry.stored_at + self.ttl
 
 
-def request_key(endpoint: str, body: dict, ignore=("stream", "user", "stream_options")) -> str:
-    """Hex sha256 of the endpoint and the body minus fields that do not change the answer."""
+def request_key(endpoint: str, body: dict, ignore=("stream", "user", "stream_options"), *,
+                scope: str = "") -> str:
+    """Hex sha256 of the endpoint and the body minus fields that do not change the answer, and
+    of ``scope`` (whose answer it is: an API key's id; "" for one every key shares)."""
     kept = {k: v for k, v in body.items() if k not in ignore}
     digest = hashlib.sha256(endpoint.encode())
     digest.update(b"\n")
+    if scope:  # without one, the key is what it always was (entries kept in Redis still hit)
+        digest.update(b"scope:" + scope.encode() + b"\n")
     digest.update(orjson.dumps(kept, option=orjson.OPT_SORT_KEYS))
     return digest.hexdigest()
+
+
+def cache_scope(scope: str, tenant) -> str:
+    """What a cache key is scoped to (``request_key``'s ``scope``): the tenant's id when each
+    API key has its own entries (``cache.scope: key``), "" when every key shares them."""
+    if scope == SHARED_SCOPE or tenant is None:
+        return ""
+    return tenant.id
 
 
 class CacheSet:
@@ -255,12 +274,12 @@ def caches_for(settings, *, max_memory_mb: float | None = None,
         max_memory_mb=settings.max_memory_mb if max_memory_mb is None else max_memory_mb,
         response_size=settings.response_cache_size, response_ttl=settings.response_cache_ttl,
         summary_size=settings.summary_cache_size, summary_ttl=settings.summary_cache_ttl,
-        stale_ttl=settings.stale_ttl, clock=clock)
+        stale_ttl=settings.stale_ttl, clock=clock, scope=settings.scope)
 
 
 def build_caches(max_memory_mb=512, response_size=10000, response_ttl=1800, summary_size=2000,
                  summary_ttl=3600, stale_ttl=0.0, clock=time.monotonic,
-                 response_share=0.8) -> CacheSet:
+                 response_share=0.8, scope="key") -> CacheSet:
     """Both caches, sharing `max_memory_mb`: 80% to responses, 20% to summaries by default.
 
     The response cache holds five times the entries (10,000 vs 2,000) and full completion
@@ -271,9 +290,10 @@ def build_caches(max_memory_mb=512, response_size=10000, response_ttl=1800, summ
     budget = int(max_memory_mb * MB)
     response_bytes = int(budget * response_share)
     return CacheSet(
-        ByteCache("response", response_size, response_ttl, response_bytes, clock, stale_ttl),
+        ByteCache("response", response_size, response_ttl, response_bytes, clock, stale_ttl,
+                  scope),
         ByteCache("summary", summary_size, summary_ttl, budget - response_bytes, clock,
-                  stale_ttl),
+                  stale_ttl, scope),
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import orjson
 
+from app.cache import cache_scope
 from app.errors import ProxyError, SummaryFailed
 
 # The token estimate (see `Condenser.estimate_tokens`).
@@ -86,7 +87,8 @@ class Condenser:
 
     # -- sizing ----------------------------------------------------------------------------
 
-    def estimate_tokens(self, messages) -> int:
+    @staticmethod
+    def estimate_tokens(messages) -> int:
         """Estimated prompt tokens of `messages`.
 
         Per message: MESSAGE_OVERHEAD_TOKENS (4), plus ceil(chars / 4) over its text (string
@@ -111,7 +113,8 @@ class Condenser:
 
     # -- condensing ------------------------------------------------------------------------
 
-    def condense(self, body: dict, summarize, *, force=False) -> tuple[dict, str | None]:
+    def condense(self, body: dict, summarize, *, force=False,
+                 tenant=None) -> tuple[dict, str | None]:
         """(new body, "summary" | "truncate" | None): the body with its older messages condensed.
 
         `summarize(messages) -> str` receives `summary_request(older)` (ready to send to the
@@ -131,7 +134,8 @@ class Condenser:
         history. With `step=1` the next turn of a growing conversation has two more messages
         (the reply and the new question), so its older set is two messages longer and it is a
         miss; with `step` > 1 the older set only moves every `step` messages, and the turns in
-        between hit.
+        between hit. The hash covers `tenant`'s id too unless the summary cache's scope is
+        "shared" (`cache.scope`): one API key never gets a summary of another's conversation.
         """
         messages = body.get("messages")
         if not isinstance(messages, list) or not (force or self.needed(body)):
@@ -140,7 +144,7 @@ class Condenser:
         if not older:
             return body, None
         try:
-            summary = self._summary(older, summarize)
+            summary = self._summary(older, summarize, cache_scope(self.cache.scope, tenant))
         except ProxyError:
             self._count("failures")
             if self.fallback == "none":
@@ -175,9 +179,12 @@ class Condenser:
         ]
 
     @staticmethod
-    def summary_key(older: list) -> str:
-        """Hex sha256 of the older messages serialized with sorted keys."""
-        return hashlib.sha256(orjson.dumps(older, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    def summary_key(older: list, scope: str = "") -> str:
+        """Hex sha256 of the older messages serialized with sorted keys, and of ``scope``
+        (the API key's tenant id the summary is kept for; "" when every key shares it)."""
+        digest = hashlib.sha256(b"scope:" + scope.encode() + b"\n" if scope else b"")
+        digest.update(orjson.dumps(older, option=orjson.OPT_SORT_KEYS))
+        return digest.hexdigest()
 
     @staticmethod
     def is_context_too_long(status: int, body: bytes) -> bool:
@@ -202,8 +209,8 @@ class Condenser:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _summary(self, older: list, summarize) -> str:
-        key = self.summary_key(older)
+    def _summary(self, older: list, summarize, scope: str) -> str:
+        key = self.summary_key(older, scope)
         entry = self.cache.get(key)
         if entry is not None:
             self._count("summary_cache_hits")
@@ -358,37 +365,47 @@ class Condensation:
                    enabled=settings.enabled)
 
     def prepared(self, call, request, attempts):
-        """(the call as it goes upstream, how it was condensed: "" when it was not): condensed
-        when it is a chat over the threshold. The summary's upstream attempts count in
-        ``attempts``."""
+        """(the call as it goes upstream, how it was condensed: "" when it was not, the summary
+        calls made for it): condensed when it is a chat over the threshold. The summary's
+        upstream attempts count in ``attempts``; its (model, usage) is in the list returned,
+        for the request's tenant to be charged (empty when nothing was summarized, or the
+        summary came from the summary cache or from an identical request's call)."""
         if not self.enabled or call.endpoint != "chat" or not self.condenser.needed(call.body):
-            return call, ""
+            return call, "", []
         return self._condensed(call, request, attempts, force=False)
 
     def retried(self, call, request, attempts, error):
-        """(the call condensed by force, how) when the upstream refused it as too long; else
-        the upstream's error stands (it is raised)."""
+        """(the call condensed by force, how, the summary calls made for it, as ``prepared``)
+        when the upstream refused it as too long; else the upstream's error stands (it is
+        raised)."""
         if (not self.enabled or call.endpoint != "chat"
                 or not self.condenser.is_context_too_long(error.status, error.body())):
             raise error
-        condensed, mode = self._condensed(call, request, attempts, force=True)
+        condensed, mode, spent = self._condensed(call, request, attempts, force=True)
         if condensed is call:
-            raise error  # nothing older to condense: the client's error stands
-        return condensed, mode
+            raise error  # nothing older to condense (so no summary made): the error stands
+        return condensed, mode, spent
 
     def _condensed(self, call, request, attempts, *, force):
-        summarize = self._summarizer(call, request, attempts)
-        body, mode = self.condenser.condense(call.body, summarize, force=force)
+        spent = []  # (model, usage) of the summary calls this request made
+        summarize = self._summarizer(call, request, attempts, spent)
+        body, mode = self.condenser.condense(call.body, summarize, force=force,
+                                             tenant=request.tenant)
         if mode is None:
-            return call, ""
-        return replace(call, body=body, raw=None), mode
+            return call, "", spent
+        return replace(call, body=body, raw=None), mode, spent
 
-    def _summarizer(self, call, request, attempts):
+    def _summarizer(self, call, request, attempts, spent):
+        """The summarize function for one request; each summary call it makes notes its
+        (model, usage) in ``spent``. Called only on a summary cache miss, and by one of
+        identical concurrent requests (the coalescer's leader), so a summary is charged once."""
         def summarize(messages):
             body = {"model": self.summary_model or call.body["model"], "messages": messages,
                     "max_tokens": self.condenser.summary_max_tokens}
             summary_call = replace(call, body=body, raw=None, stream=False)
             reply = self.gateway.complete(summary_call, request, attempts)
+            if reply.usage:  # noted before the answer is read: an answer without text cost too
+                spent.append((body["model"], reply.usage))
             try:
                 return orjson.loads(reply.body)["choices"][0]["message"]["content"]
             except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):

@@ -84,10 +84,16 @@ class StreamAssembler:
     objects, an ``id``, ``delta``, ``content``, ``index``, tool call or ``usage`` of another
     kind...)
     marks the assembly broken, and ``result()`` is then None: that answer is not cached.
+
+    The answer carries the usage of the stream's usage chunk or, when the client saw none (it
+    did not ask ``include_usage``), the one that travelled beside the events: ``relay.usage``
+    (app/pipeline/gateway StreamRelay), unless that is the proxy's estimate. So an answer
+    assembled from a stream has its usage like a fresh one.
     """
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, relay=None):
         self._chat = endpoint == "chat"
+        self._relay = relay
         self._head: dict = {}
         self._choices: dict[int, dict] = {}
         self._usage = None
@@ -177,9 +183,17 @@ class StreamAssembler:
                                 "finish_reason": c["finish_reason"]})
         answer = {**self._head, "object": "chat.completion" if self._chat else "text_completion",
                   "choices": choices}
-        if self._usage:
-            answer["usage"] = self._usage
+        usage = self._usage or self._relayed_usage()
+        if usage:
+            answer["usage"] = usage
         return orjson.dumps(answer)
+
+    def _relayed_usage(self) -> dict | None:
+        relay = self._relay
+        if relay is None or getattr(relay, "usage_estimated", True):
+            return None
+        usage = getattr(relay, "usage", None)
+        return usage if isinstance(usage, dict) else None
 
 
 def _integer(value) -> int:

@@ -5,6 +5,10 @@ Every answer says what the cache did (``Trace.cache``, sent as ``X-Cache``): HIT
 MISS, BYPASS (not consulted: caching off for the model, ``Cache-Control: no-cache``, or a
 request it cannot compute a key for) or STALE (every provider failed; an answer past its TTL
 but within ``stale_ttl`` was served).
+
+Entries are kept per API key (``cache.scope: key``, the default): the key's tenant id is part
+of the cache key, so lookups, coalescing and stale answers never cross keys. ``shared`` shares
+them across keys, and with them what others asked (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
-from app.cache import Entry, request_key
+from app.cache import Entry, cache_scope, request_key
 from app.errors import NoProviderAvailable, UpstreamError
 from app.providers import Reply
 from app.cache.replay import StreamAssembler, replay_events
@@ -59,22 +63,25 @@ class ResponseCache:
         return CachePolicy(read="no-cache" not in directives, write="no-store" not in directives,
                            max_age=float(age.group(1)) if age else None)
 
-    def key(self, call) -> str:
-        """The hash of the normalized request, on the model name the provider knows."""
+    def key(self, call, tenant=None) -> str:
+        """The hash of the normalized request, on the model name the provider knows, and of
+        the tenant it is kept for: with ``cache.scope: key`` (the default) one API key never
+        gets another's answer, nor learns from X-Cache or Age what another asked."""
         model = self.router.canonical_model(call.body["model"])
-        return request_key(call.endpoint, {**call.body, "model": model})
+        return request_key(call.endpoint, {**call.body, "model": model},
+                           scope=cache_scope(self.settings.scope, tenant))
 
-    def key_for(self, call, policy: CachePolicy, request_id: str) -> str | None:
+    def key_for(self, call, policy: CachePolicy, request) -> str | None:
         """The request's key; None when the policy neither reads nor writes, or when it cannot
         be computed (the request then bypasses the cache: one the cache cannot handle is still
         served)."""
         if not (policy.read or policy.write):
             return None
         try:
-            return self.key(call)
+            return self.key(call, request.tenant)
         except Exception as e:  # e.g. orjson refusing a body that parse_body let through
             log.warning("request %s: no cache key (%s: %s); bypassing the cache",
-                        request_id, type(e).__name__, e)
+                        request.id, type(e).__name__, e)
             return None
 
     def lookup(self, key: str, policy: CachePolicy) -> Entry | None:
@@ -105,7 +112,7 @@ class ResponseCache:
 
     def recording(self, call, key: str, relay):
         """``relay``'s events passed through; its answer stored once it ended cleanly."""
-        return RecordingStream(relay, StreamAssembler(call.endpoint),
+        return RecordingStream(relay, StreamAssembler(call.endpoint, relay),
                                partial(self.entries.set, key))
 
 

@@ -3,11 +3,13 @@
 Per-request figures (upstream calls, errors, latency, tokens, stream durations, cache results)
 are counted as they happen; state (caches, breakers, in flight, memory, GC) is read from the
 components when Prometheus scrapes, so it costs nothing per request. Every label is bounded:
-providers and kinds are fixed sets, and models are capped at ``MAX_MODELS`` distinct names.
+providers and kinds are fixed sets, and models are names the proxy serves (never one a client
+made up: ``_model_label``), capped at ``MAX_MODELS``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import os
 import threading
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_flask_exporter import PrometheusMetrics
 
+from app.pricing import PRICES_AS_OF
 from app.upstream.client import combined_stats
 from app.runtime.server import REJECTION_REASONS
 from app.runtime.supervision import read_state
@@ -43,6 +46,9 @@ class NullMetrics:
         pass
 
     def rejected(self, reason):
+        pass
+
+    def answer_cost(self, key_id, trace, cost):
         pass
 
 
@@ -94,6 +100,16 @@ class ProxyMetrics:
             "the app saw them (app/runtime/server.py), by reason", ["reason"], registry=r)
         for reason in REJECTION_REASONS:  # every series from 0, so rate() sees the first one
             self.rejected_requests.labels(reason)
+        # Cost: key ids are configured, providers too, models bounded by _model_label.
+        self.cost = Counter(
+            "llm_proxy_cost_usd", "What answers cost at the price table (app/pricing.py), in "
+            "USD, by API key id, model asked and provider; a request's summary call included",
+            ["key_id", "model", "provider"], registry=r)
+        self.unpriced = Counter(
+            "llm_proxy_unpriced_answers", "Answers whose model (or summary model) has no price: "
+            "counted as 0 USD; add it to pricing.models", ["model"], registry=r)
+        self._cost_by_key: dict[str, float] = {}  # for the JSON view; configured key ids
+        self._unpriced_count = 0
         r.register(_StateCollector(llm_proxy))
         r.register(_SupervisorCollector())
         self._models: set[str] = set()
@@ -137,6 +153,26 @@ class ProxyMetrics:
         """A request refused at the server's header stage (``reason``: REJECTION_REASONS)."""
         self._child(self.rejected_requests, reason).inc()
 
+    def answer_cost(self, key_id, trace, cost):
+        """A proxied request ended; ``cost`` (app.pricing.Cost) is what its calls cost."""
+        if cost.usd > 0:
+            self._child(self.cost, key_id, self._model_label(trace.model),
+                        trace.provider or "none").inc(cost.usd)
+            with self._lock:
+                self._cost_by_key[key_id] = self._cost_by_key.get(key_id, 0.0) + cost.usd
+        if cost.unpriced:
+            self._child(self.unpriced, self._model_label(cost.unpriced[0])).inc()
+            with self._lock:
+                self._unpriced_count += 1
+
+    def cost_totals(self) -> dict:
+        """The JSON view's ``costs``: USD by key id since start, and the unpriced answers."""
+        with self._lock:
+            by_key = {k: round(v, 8) for k, v in sorted(self._cost_by_key.items())}
+            unpriced = self._unpriced_count
+        return {"total_usd": round(sum(by_key.values()), 8), "by_key": by_key,
+                "unpriced_answers": unpriced, "prices_as_of": PRICES_AS_OF}
+
     def _child(self, metric, *labels):
         """The labelled child, kept: prometheus_client's labels() validates and locks each call."""
         key = (id(metric), labels)
@@ -149,8 +185,15 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
     def _model_label(self, model: str) -> str:
+        """``model`` when the proxy serves it by name (configured, an alias, or listed by its
+        upstream), else the configured pattern that took it (``gpt-*``), else ``other``: never
+        a name a client made up, whose labels would show it to every reader of /metrics and
+        crowd out the real ones. At most ``MAX_MODELS`` names."""
         if model in self._models:
             return model
+        router = self.proxy.router
+        if not router.serves_by_name(model):
+            return next((p for p in router.patterns() if fnmatch.fnmatchcase(model, p)), "other")
         with self._lock:
             if len(self._models) >= MAX_MODELS:
                 return "other"
@@ -194,6 +237,15 @@ class _StateCollector:
             success.add_metric([name], snap["success_rate"])
             in_flight.add_metric([name], p.bulkheads[name].in_flight)
         yield from (state, threshold, success, in_flight)
+        # Only the models kept away now: at most circuit_breaker.max_model_breakers a provider
+        models = GaugeMetricFamily("llm_proxy_model_breaker_state",
+                                   "A model's breaker that is not closed or is cooling down: "
+                                   "0 closed (cooling down), 1 half-open, 2 open",
+                                   labels=["provider", "model"])
+        for name, found in p.breakers.open_models().items():
+            for model, snap in found.items():
+                models.add_metric([name, model], BREAKER_STATES[snap["state"]])
+        yield models
         yield GaugeMetricFamily("llm_proxy_requests_in_flight", "Requests being served",
                                 value=p.admission.in_flight)
         memory = p.memory.stats()
@@ -269,6 +321,8 @@ def json_view(llm_proxy) -> dict:
         },
         "caches": caches,
         "circuit_breakers": p.breakers.snapshot(),
+        **({"model_breakers": models} if (models := p.breakers.open_models()) else {}),
+        **({"costs": p.metrics.cost_totals()} if p.metrics.enabled else {}),
         **({"redis": p.shared.stats()} if p.shared is not None else {}),
         **({"supervisor": supervisor} if (supervisor := read_state()) is not None else {}),
     }

@@ -5,8 +5,9 @@ read by every step) and a fresh ``Trace`` (what serving it found: filled here fr
 steps return, read by the headers, the access log and the metrics). It gets back a whole
 ``Reply`` or an iterable of SSE events, and renders that in its protocol. The steps, in order:
 
-    admit      the key may use this model (403); its rate limits admit it (429); the tokens
-               it spent are charged when the answer ends, a stream's when it is closed
+    admit      the key may use this model (403); its rate limits admit it (429), reserving
+               its estimated tokens; settled to the tokens it spent when the answer ends, a
+               stream's when it is closed
     lookup     a fresh cached answer is the answer (HIT); no key, or Cache-Control: no-cache,
                bypasses the cache (app/cache/responses.py)
     coalesce   identical requests in flight share one upstream call
@@ -46,6 +47,8 @@ class Request:
     deadline: float
     client_disconnected: Callable[[], bool] = _never_disconnected
     tenant: Tenant | None = None  # the API key's tenant (None on routes without a key)
+    # The key the client presented ("" for none): scrubbed from upstream text (app/upstream)
+    client_key: str = field(default="", repr=False, compare=False)
 
 
 class Attempts:
@@ -78,6 +81,17 @@ class Trace:
     side_usage: list[tuple[str, dict]] = field(default_factory=list)
     cost_usd: float | None = None  # what all that usage costs at the price table
     upstream: Attempts = field(default_factory=Attempts)
+
+    def tokens(self) -> int:
+        """The tokens the upstream calls made for this request used: its answer (none when it
+        came from the cache) and the calls beside it (the summary)."""
+        answer = self.usage if self.cache not in (HIT, STALE) else None
+        total = 0
+        for usage in (answer, *(u for _, u in self.side_usage)):
+            tokens = (usage or {}).get("total_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                total += tokens
+        return total
 
     def served_from_cache(self, status: str, entry: Entry, now: float) -> None:
         self.cache, self.cache_age = status, entry.age(now)
@@ -147,13 +161,17 @@ class Pipeline:
         return SettledStream(events, partial(_settle_stream, trace, relay))
 
     def _admit(self, call, request, trace, cache_control):
-        """The key's model allow-list and rate limits; the request's cache key (None: the
-        cache is bypassed) and policy."""
+        """The key's model allow-list and rate limits (the request's estimated tokens reserved,
+        when the key has a token limit); the request's cache key (None: the cache is bypassed)
+        and policy."""
         trace.model = call.body["model"]
-        request.tenant.check_model(trace.model)
-        trace.admission = self.limiter.admit(request.tenant)
+        tenant = request.tenant
+        tenant.check_model(trace.model)
+        tokens = (self.limiter.reservation(call, self.condensation.condenser.estimate_tokens)
+                  if tenant.tokens_per_minute else 0)
+        trace.admission = self.limiter.admit(tenant, tokens)
         policy = self.responses.policy(trace.model, cache_control)
-        key = self.responses.key_for(call, policy, request.id)
+        key = self.responses.key_for(call, policy, request)
         trace.cache = BYPASS if key is None or not policy.read else MISS
         return key, policy
 
@@ -167,14 +185,22 @@ class Pipeline:
 
     def _route(self, route, call, request, trace):
         """Condense, route (``route``: the gateway's complete or stream); condense by force and
-        route once more if the upstream refused the chat as too long."""
-        call, trace.condensed = self.condensation.prepared(call, request, trace.upstream)
+        route once more if the upstream refused the chat as too long. The summaries made for
+        it are charged with it (``side_usage``); a whole answer says whether its usage is an
+        estimate (a stream says so when it ends: ``_settle_stream``)."""
+        call, trace.condensed, spent = self.condensation.prepared(call, request, trace.upstream)
+        trace.side_usage.extend(spent)
         try:
-            return route(call, request, trace.upstream)
+            answer = route(call, request, trace.upstream)
         except UpstreamClientError as e:
             trace.provider = e.provider
-            call, trace.condensed = self.condensation.retried(call, request, trace.upstream, e)
-            return route(call, request, trace.upstream)
+            call, trace.condensed, spent = self.condensation.retried(
+                call, request, trace.upstream, e)
+            trace.side_usage.extend(spent)
+            answer = route(call, request, trace.upstream)
+        if isinstance(answer, Reply):
+            trace.usage_estimated = answer.usage_estimated
+        return answer
 
 
 class SettledStream:
@@ -200,15 +226,17 @@ class SettledStream:
 
 
 def _settle_stream(trace, relay) -> None:
+    """A stream's usage, known once it ended (the relay's: the upstream's, or estimated when it
+    sent none; a replay from the cache has none), then the end of the admit step."""
     trace.usage = getattr(relay, "usage", None)
+    trace.usage_estimated = trace.usage is not None and getattr(relay, "usage_estimated", False)
     _settle(trace)
 
 
 def _settle(trace) -> None:
-    """The end of the admit step: charge the tokens the answer used (a cached answer costs
-    none) and free the key's in-flight slot. Admission.finish runs once, whoever calls it."""
+    """The end of the admit step: settle the tokens reserved at admission to those the answer
+    used (a cached answer costs none: its reservation goes back) and free the key's in-flight
+    slot. Admission.finish runs once, whoever calls it."""
     if trace.admission is None:
         return  # refused before admission (403)
-    tokens = (trace.usage or {}).get("total_tokens")
-    spent = isinstance(tokens, int) and trace.cache not in ("HIT", "STALE")
-    trace.admission.finish(tokens if spent else 0)
+    trace.admission.finish(trace.tokens())

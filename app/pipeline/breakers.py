@@ -19,14 +19,23 @@ So the gateway asks ``allow()`` before a call and reports ``record_success()``,
 transitions (``open()``, ``half_open()``, ``close()``) and storage counters itself, under its own
 lock held only for that bookkeeping. Recovery is timed with ``opened_at`` kept in clock units.
 The adaptive window, the half-open trial slots and the cool-down are per process.
+
+Provider or model. Behind one URL a provider may serve many models (a LiteLLM or vLLM router,
+OpenAI itself), and one model's trouble must not shut off the others. So a failure that
+concerns the provider (it could not be reached, the connection broke, it refused our key:
+``concerns_provider``) counts against the provider's breaker, and one that concerns the model
+asked (a 5xx, a read timeout, a malformed answer; a 429 cools it down) against a breaker of
+that (provider, model), kept by the ``BreakerBoard``; a call must pass both. A provider that
+serves a single model has no model breakers: its model's trouble is the provider's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Iterable, Iterator
 
 import pybreaker
@@ -45,9 +54,29 @@ _FROM_PYBREAKER = {
     pybreaker.STATE_HALF_OPEN: HALF_OPEN,
 }
 
+# What a failure says about the provider as a whole: it could not be reached or the connection
+# broke (refused, reset, connect timeout, TLS: app/upstream ``failed_request``), it redirects
+# (misconfigured), or it refused our key (401, 403). Everything else concerns the model asked.
+PROVIDER_KINDS = frozenset(("connect", "connection", "redirect"))
+PROVIDER_STATUSES = frozenset((401, 403))
+MAX_MODEL_NAME = 128  # longer (or unprintable) model names are kept under their hash
+
+
+def concerns_provider(error) -> bool:
+    """Whether an UpstreamError counts against the provider's breaker, not its model's."""
+    return error.kind in PROVIDER_KINDS or error.upstream_status in PROVIDER_STATUSES
+
+
+def model_key(model: str) -> str:
+    """The name a model's breaker goes by: the model's own, or, when a client sent a long or
+    unprintable one through a pattern, its hash (breakers show in logs and /metrics)."""
+    if len(model) <= MAX_MODEL_NAME and model.isprintable():
+        return model
+    return "sha256:" + hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
 
 class ProviderBreaker:
-    """The circuit breaker of one provider.
+    """The circuit breaker of one provider, or of one model at a provider (``BreakerBoard.model``).
 
     States. CLOSED: calls are allowed. It trips to OPEN when the consecutive failures reach the
     current threshold (or, when adaptive, on the failure rate below). OPEN: ``allow()`` is false
@@ -70,8 +99,10 @@ class ProviderBreaker:
     opened it does not count against the provider afterwards. Without adaptive thresholds only the
     consecutive failures count, against ``failure_threshold``.
 
-    Cool-down. ``cool_down(seconds)`` (a 429 with Retry-After) makes ``allow()`` false until
-    then, without changing the state.
+    Cool-down. ``cool_down(seconds)`` (a 429, or a 503 with Retry-After) makes ``allow()``
+    false until then, without changing the state; ``rate_limited=True`` says a rate limit asked
+    for it, which ``refusal_at()`` reports (the gateway answers 429 when only rate limits are
+    left).
 
     Every call that ``allow()`` let through must end with exactly one of ``record_success()``,
     ``record_failure()`` or ``release()`` (the call said nothing about the provider, e.g. the
@@ -110,6 +141,7 @@ class ProviderBreaker:
         self._window_failures = 0
         self._opened_at: float | None = None                # clock time of the last trip
         self._cool_until: float | None = None
+        self._cool_rate_limited = False                     # the cool-down is a rate limit's
         self._trials: deque[float] = deque()                # admission times, half-open only
 
     # -- the gateway's calls ---------------------------------------------------------------
@@ -178,14 +210,30 @@ class ProviderBreaker:
             if self._state(self._clock()) == HALF_OPEN and self._trials:
                 self._trials.popleft()
 
-    def cool_down(self, seconds: float) -> None:
-        """Skip the provider for ``seconds`` (e.g. Retry-After on a 429); the state is unchanged."""
+    def cool_down(self, seconds: float, *, rate_limited: bool = False) -> None:
+        """Skip the provider for ``seconds`` (e.g. Retry-After on a 429); the state is unchanged.
+        ``rate_limited``: a rate limit (HTTP 429) asked for it."""
         if seconds <= 0:
             return
         with self._lock:
             until = self._clock() + seconds
             if self._cool_until is None or until > self._cool_until:
                 self._cool_until = until
+                self._cool_rate_limited = rate_limited
+
+    def refusal_at(self) -> tuple[str, float, bool]:
+        """Why ``allow()`` says no now, in words; the clock time it may say yes (``retry_at``);
+        and whether a rate limit's cool-down is all that keeps calls away (not the circuit)."""
+        with self._lock:
+            now = self._clock()
+            state = self._state(now)
+            at = self._retry_at(now, state)
+            cooling = self._cool_until is not None and now < self._cool_until
+            if cooling and state != OPEN:
+                if self._cool_rate_limited:
+                    return "rate limited (HTTP 429), cooling down", at, True
+                return "cooling down (Retry-After)", at, False
+            return f"circuit {state}", at, False
 
     def retry_at(self) -> float:
         """Clock time when the provider can next be tried (now if it can be tried now)."""
@@ -202,6 +250,7 @@ class ProviderBreaker:
             self._storage.reset_counter()
             self._forget()
             self._cool_until = None
+            self._cool_rate_limited = False
             if old != CLOSED:
                 events.append((old, CLOSED))
         self._notify(events)
@@ -302,35 +351,91 @@ class ProviderBreaker:
 
 class BreakerBoard:
     """One ``ProviderBreaker`` per provider name, all built from one settings section
-    (``settings.circuit_breaker``; its defaults when None).
+    (``settings.circuit_breaker``; its defaults when None), and the (provider, model) breakers.
+
+    Model breakers are made on a model's first failure (``model(..., create=True)``): a model
+    that never failed costs nothing. With shared storage another process may have opened one,
+    so it is made on a model's first call there (its storage writes nothing until it fails).
+    Model names come from clients (a provider's pattern takes any), so each provider keeps at
+    most ``max_model_breakers`` of them, the least recently used dropped first (with shared
+    storage its state stays there, and comes back with the model).
 
     ``storage_factory(name)``, when given, makes each breaker's pybreaker storage (e.g. a
-    ``CircuitRedisStorage`` with one namespace per provider). Iterating yields the breakers.
+    ``CircuitRedisStorage`` with one namespace per breaker): ``name`` is the provider's, or
+    ``"{provider}/{model}"`` for a model's. Iterating yields the provider breakers.
     """
 
     def __init__(self, names: Iterable[str], settings: CircuitBreakerSettings | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
                  storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None):
+        self._settings = settings or CircuitBreakerSettings()
+        self._clock = clock
+        self._storage_factory = storage_factory
+        self.max_models = self._settings.max_model_breakers
         self._breakers: dict[str, ProviderBreaker] = {}
         for name in names:
             if name in self._breakers:
                 raise ValueError(f"duplicate provider name {name!r}")
-            storage = storage_factory(name) if storage_factory else None
-            self._breakers[name] = ProviderBreaker(name, settings, clock=clock, storage=storage)
+            self._breakers[name] = self._build(name)
+        self._models: dict[str, OrderedDict[str, ProviderBreaker]] = {
+            name: OrderedDict() for name in self._breakers}
+        self._models_lock = threading.Lock()
 
     def get(self, name: str) -> ProviderBreaker:
         """The breaker of provider ``name``; KeyError if there is none."""
         return self._breakers[name]
 
+    def model(self, provider: str, model: str, *, create: bool = False) -> ProviderBreaker | None:
+        """The breaker of ``model`` at ``provider`` (KeyError for an unknown provider): None
+        while it has none, unless ``create`` or the storage is shared. Each use makes it the
+        most recently used."""
+        create = create or self._storage_factory is not None
+        key = model_key(model)
+        with self._models_lock:
+            models = self._models[provider]
+            breaker = models.get(key)
+            if breaker is not None:
+                models.move_to_end(key)
+            if breaker is not None or not create:
+                return breaker
+        made = self._build(f"{provider}/{key}")  # outside the lock: shared storage does I/O
+        with self._models_lock:
+            models = self._models[provider]
+            breaker = models.setdefault(key, made)  # another thread may have made it first
+            models.move_to_end(key)
+            while len(models) > self.max_models:
+                models.popitem(last=False)
+        return breaker
+
     def reset(self, name: str | None = None) -> None:
-        """Reset every breaker, or only ``name`` (KeyError if unknown)."""
+        """Reset every breaker, or only provider ``name``'s (KeyError if unknown): its own and
+        its models'."""
         targets = self._breakers.values() if name is None else [self._breakers[name]]
         for breaker in targets:
+            with self._models_lock:
+                models = list(self._models[breaker.name].values())
+                self._models[breaker.name].clear()
+            for model in models:  # reset, not only forgotten: shared storage hears of it
+                model.reset()
             breaker.reset()
 
     def snapshot(self) -> dict[str, dict]:
         """{provider name: that breaker's snapshot()}."""
         return {name: breaker.snapshot() for name, breaker in self._breakers.items()}
+
+    def open_models(self) -> dict[str, dict[str, dict]]:
+        """{provider: {model: snapshot()}} of the model breakers that keep calls away now (not
+        closed, or cooling down); providers with none are left out."""
+        with self._models_lock:
+            held = {name: list(models.items()) for name, models in self._models.items()
+                    if models}
+        found = {}
+        for provider, models in held.items():
+            for model, breaker in models:
+                snap = breaker.snapshot()
+                if snap["state"] != CLOSED or snap["retry_in"] > 0:
+                    found.setdefault(provider, {})[model] = snap
+        return found
 
     def __iter__(self) -> Iterator[ProviderBreaker]:
         return iter(list(self._breakers.values()))
@@ -341,3 +446,6 @@ class BreakerBoard:
     def __contains__(self, name: object) -> bool:
         return name in self._breakers
 
+    def _build(self, name: str) -> ProviderBreaker:
+        storage = self._storage_factory(name) if self._storage_factory else None
+        return ProviderBreaker(name, self._settings, clock=self._clock, storage=storage)

@@ -1,8 +1,14 @@
 """The request pipeline: route a call to its candidate providers, falling back in order.
 
 Each provider is guarded by its circuit breaker and its bulkhead (a limit of calls in
-flight); the whole proxy by an admission limit. A provider that is open, cooling down after
-a 429 or full is skipped without a connection attempt.
+flight), each model of a provider that serves several by a breaker of its own; the whole proxy
+by an admission limit. A provider or model that is open, cooling down after a 429 or full is
+skipped without a connection attempt.
+
+When every candidate failed, the answer says how: 429 ``upstream_rate_limited`` when they were
+all rate limits (an upstream 429, or a cool-down after one), with the shortest Retry-After, so
+a client can tell a rate limit from an outage; otherwise 502, 504 when all timed out, or 503
+when none could be tried.
 """
 
 from __future__ import annotations
@@ -12,16 +18,24 @@ import logging
 import math
 import time
 
-import orjson
-
-from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, UpstreamTimeout,
-                        sse_error_event)
+from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, UpstreamRateLimited,
+                        UpstreamTimeout, sse_error_event)
 from app.observability.metrics import NullMetrics
+from app.pipeline.breakers import concerns_provider
 from app.sse import KEEPALIVE
 
 log = logging.getLogger("llm_proxy.gateway")
 
 SUCCESS, NEUTRAL = "success", "neutral"  # outcomes; a failure is the UpstreamError itself
+RATE_LIMITED = 429
+# A 429 without Retry-After: how long its provider (or model) is left alone. Short, since
+# nothing says how long the limit lasts; long enough that the next requests go elsewhere.
+RATE_LIMIT_COOL_DOWN = 1.0
+
+
+class Skipped(collections.namedtuple("Skipped", "provider why retry_at rate_limited")):
+    """A candidate not tried: why, when it may be tried again, and whether a rate limit's
+    cool-down is all that kept it away."""
 
 
 class Gateway:
@@ -56,7 +70,7 @@ class Gateway:
                     failures.append(e)
                     log.warning("request %s: %s; trying the next provider", request.id, e.message)
                 finally:
-                    self._settle(adapter, outcome, self.clock() - started)
+                    self._settle(adapter, model, outcome, self.clock() - started)
             raise self._exhausted(call, failures, unavailable)
         finally:
             self.admission.release()
@@ -71,12 +85,12 @@ class Gateway:
         """
         self._admit_request()
         try:
-            adapter, first, events, latency = self._open_stream(call, request, attempts)
+            adapter, model, first, events, latency = self._open_stream(call, request, attempts)
         except BaseException:
             self.admission.release()
             raise
         return StreamRelay(first, events, request, adapter.name,
-                           lambda outcome: self._end_stream(adapter, outcome, latency),
+                           lambda outcome: self._end_stream(adapter, model, outcome, latency),
                            self._orphans, self.clock, self.keepalive_interval)
 
     def _open_stream(self, call, request, attempts):
@@ -92,13 +106,13 @@ class Gateway:
             except UpstreamError as e:
                 error = e
             except BaseException:
-                self._settle(adapter, NEUTRAL, self.clock() - started)
+                self._settle(adapter, model, NEUTRAL, self.clock() - started)
                 raise
             else:
-                return adapter, first, events, self.clock() - started
+                return adapter, model, first, events, self.clock() - started
             if events is not None:
                 events.close()
-            self._settle(adapter, error, self.clock() - started)
+            self._settle(adapter, model, error, self.clock() - started)
             failures.append(error)
             log.warning("request %s: %s; trying the next provider", request.id, error.message)
         raise self._exhausted(call, failures, unavailable)
@@ -120,11 +134,11 @@ class Gateway:
         candidates = self.router.candidates(call.body["model"], call.endpoint)
         last = candidates[-1][0]
         for adapter, model in candidates:
-            if self._acquire(adapter, unavailable):
+            if self._acquire(adapter, model, unavailable):
                 yield adapter, model, adapter is last
 
-    def _end_stream(self, adapter, outcome, latency):
-        self._settle(adapter, outcome, latency)
+    def _end_stream(self, adapter, model, outcome, latency):
+        self._settle(adapter, model, outcome, latency)
         self.admission.release()
 
     def _admit_request(self):
@@ -139,47 +153,108 @@ class Gateway:
                 f"The proxy is serving its limit of {self.admission.limit} requests; retry shortly.",
                 code="proxy_overloaded", headers={"Retry-After": "1"})
 
-    def _acquire(self, adapter, unavailable) -> bool:
-        """Take a slot in the provider's bulkhead and its breaker's permission, or neither."""
+    def _acquire(self, adapter, model, unavailable) -> bool:
+        """Take a slot in the provider's bulkhead and its breakers' permission (the provider's,
+        then the model's), or none of them."""
         bulkhead = self.bulkheads[adapter.name]
         if not bulkhead.try_acquire():
-            unavailable.append((adapter.name, f"at its limit of {bulkhead.limit} requests in flight",
-                                self.clock() + 1.0))
+            unavailable.append(Skipped(
+                adapter.name, f"at its limit of {bulkhead.limit} requests in flight",
+                self.clock() + 1.0, False))
             return False
-        breaker = self.breakers.get(adapter.name)
-        if not breaker.allow():
+        provider = self.breakers.get(adapter.name)
+        if not provider.allow():
             bulkhead.release()
-            unavailable.append((adapter.name, f"circuit {breaker.state}", breaker.retry_at()))
+            unavailable.append(Skipped(adapter.name, *provider.refusal_at()))
+            return False
+        breaker = self._model_breaker(adapter, model)
+        if breaker is not None and not breaker.allow():
+            provider.release()
+            bulkhead.release()
+            why, retry_at, rate_limited = breaker.refusal_at()
+            unavailable.append(Skipped(adapter.name, f"model {model}: {why}", retry_at,
+                                       rate_limited))
             return False
         return True
 
-    def _settle(self, adapter, outcome, seconds):
-        """Tell the breaker and the metrics what the call showed; free the provider's slot."""
+    def _model_breaker(self, adapter, model, *, create=False):
+        """The breaker of ``model`` at ``adapter``'s provider; None when it has none (yet), or
+        when the provider serves one model (its breaker is the provider's)."""
+        if not self.router.serves_several_models(adapter.name):
+            return None
+        return self.breakers.model(adapter.name, model, create=create)
+
+    def _settle(self, adapter, model, outcome, seconds):
+        """Tell the breakers and the metrics what the call showed; free the provider's slot.
+
+        A failure counts against the provider's breaker when it concerns the provider (it could
+        not be reached, refused our key), else against the model's; the other breaker hears the
+        call said nothing about it. A 429 is a rate limit, not a fault: it cools the provider or
+        model down (for its Retry-After) without counting towards opening the circuit."""
         self.metrics.upstream_call(adapter.name, seconds, outcome)
-        breaker = self.breakers.get(adapter.name)
-        if outcome is SUCCESS:
-            breaker.record_success()
-        elif outcome is NEUTRAL:
-            breaker.release()  # a client's 4xx or a disconnect says nothing about the provider
+        provider = self.breakers.get(adapter.name)
+        if outcome is SUCCESS or outcome is NEUTRAL:
+            breaker = self._model_breaker(adapter, model)
+            for target in (provider, breaker) if breaker is not None else (provider,):
+                if outcome is SUCCESS:
+                    target.record_success()
+                else:
+                    target.release()  # a client's 4xx or a disconnect says nothing of either
         else:
-            breaker.record_failure()
-            if outcome.retry_after:
-                breaker.cool_down(outcome.retry_after)
+            several = self.router.serves_several_models(adapter.name)
+            if concerns_provider(outcome) or not several:
+                target, other = provider, self._model_breaker(adapter, model)
+            else:
+                target, other = self._model_breaker(adapter, model, create=True), provider
+            if outcome.upstream_status == RATE_LIMITED:
+                target.release()
+                target.cool_down(outcome.retry_after or RATE_LIMIT_COOL_DOWN, rate_limited=True)
+            else:
+                target.record_failure()
+                if outcome.retry_after:
+                    target.cool_down(outcome.retry_after)
+            if other is not None:
+                other.release()
         self.bulkheads[adapter.name].release()
 
     def _exhausted(self, call, failures, unavailable) -> ProxyError:
         model = call.body["model"]
+        limited = self._rate_limited(model, failures, unavailable)
+        if limited is not None:
+            return limited
         if not failures:
-            wait = min(at for _, _, at in unavailable) - self.clock()
-            reasons = "; ".join(f"provider {name}: {why}" for name, why, _ in unavailable)
+            wait = min(skip.retry_at for skip in unavailable) - self.clock()
+            reasons = "; ".join(f"provider {skip.provider}: {skip.why}" for skip in unavailable)
             return NoProviderAvailable(
                 f"No provider is available for {model!r} right now ({reasons}).",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
         summary = "; ".join(f.message for f in failures)
-        summary += "".join(f"; provider {name}: skipped, {why}" for name, why, _ in unavailable)
+        summary += "".join(f"; provider {skip.provider}: skipped, {skip.why}"
+                           for skip in unavailable)
         timeouts = all(isinstance(f, UpstreamTimeout) for f in failures)
         kind = UpstreamTimeout if timeouts else UpstreamError
         return kind(f"Every provider failed: {summary}", provider=failures[-1].provider)
+
+    def _rate_limited(self, model, failures, unavailable) -> UpstreamRateLimited | None:
+        """The 429 to answer when every candidate was rate limited (it answered 429, or was
+        skipped cooling down after one), with the shortest wait any of them asked; else None."""
+        if not (failures or unavailable):
+            return None
+        if not all(f.upstream_status == RATE_LIMITED for f in failures):
+            return None
+        if not all(skip.rate_limited for skip in unavailable):
+            return None
+        now = self.clock()
+        waits = [f.retry_after if f.retry_after is not None else RATE_LIMIT_COOL_DOWN
+                 for f in failures]
+        waits += [skip.retry_at - now for skip in unavailable]
+        wait = max(1, math.ceil(min(waits)))
+        names = [f.provider for f in failures] + [skip.provider for skip in unavailable]
+        return UpstreamRateLimited(
+            f"Every provider of {model!r} is rate limiting it ({', '.join(names)}); retry "
+            f"after {wait} s.", provider=failures[-1].provider if failures else "",
+            upstream_status=RATE_LIMITED, kind="status", retry_after=float(wait),
+            headers={"Retry-After": str(wait)})
 
 
 class StreamRelay:
@@ -198,15 +273,22 @@ class StreamRelay:
         self.provider = provider
         self._on_end = on_end
         self._orphans = orphans
-        self._result = [NEUTRAL, None]  # the outcome and the usage, written by the generator
+        self._events = events  # the adapter's ProviderStream: the usage travels beside it
+        self._result = [NEUTRAL]  # the outcome, written by the generator
         self._ended = False
         self._gen = _relay_events(first, events, request, provider, self._result, clock,
                                   keepalive_interval)
 
     @property
     def usage(self) -> dict | None:
-        """The upstream's token counts, once its usage chunk went by."""
-        return self._result[1]
+        """The answer's token counts, OpenAI-shaped, once the stream ended: the upstream's,
+        whether or not the client asked for a usage chunk, or the adapter's estimate."""
+        return getattr(self._events, "usage", None)
+
+    @property
+    def usage_estimated(self) -> bool:
+        """Whether ``usage`` is an estimate: the upstream sent no final count."""
+        return bool(getattr(self._events, "usage_estimated", False))
 
     def __iter__(self):
         return self
@@ -234,8 +316,7 @@ class StreamRelay:
 
 
 def _relay_events(first, events, request, provider, result, clock, keepalive_interval):
-    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError,
-    ``result[1]`` holds the usage chunk's counts.
+    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError.
 
     ``KEEPALIVE`` from below means the upstream gave nothing for the client: it goes out only
     when the client has had nothing for ``keepalive_interval`` (0: never).
@@ -249,8 +330,6 @@ def _relay_events(first, events, request, provider, result, clock, keepalive_int
             if event is KEEPALIVE:
                 if not keepalive_interval or clock() - sent < keepalive_interval:
                     continue
-            elif b'"usage":{' in event or b'"usage": {' in event:
-                result[1] = _usage(event)
             sent = clock()
             yield event
         result[0] = SUCCESS
@@ -263,12 +342,3 @@ def _relay_events(first, events, request, provider, result, clock, keepalive_int
         yield sse_error_event(e)
     finally:
         events.close()
-
-
-def _usage(event: bytes):
-    """The usage of a stream's usage chunk (sent when the client asked include_usage)."""
-    try:
-        usage = orjson.loads(event[6:]).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None

@@ -33,6 +33,7 @@ class Router:
         self._exact: dict[str, list] = {}
         self._patterns: list[tuple[re.Pattern, object]] = []
         self._names: dict[str, set[str]] = {}  # provider -> its names and aliases
+        self._several: set[str] = set()  # providers serving more than one upstream model
         self._listed: dict[str, dict[str, int]] = {}  # provider -> listed models (id: created)
         for adapter in providers:
             s = adapter.settings
@@ -43,6 +44,8 @@ class Router:
                 self._exact.setdefault(public, []).append((adapter, upstream))
             self._patterns += [(re.compile(fnmatch.translate(m)), adapter)
                                for m in s.models if is_pattern(m)]
+            if any(is_pattern(m) for m in s.models) or len(set(names.values())) > 1:
+                self._several.add(adapter.name)
         self._resolved = {model: self._resolve(model) for model in self._exact}
 
     def candidates(self, model: str, endpoint: str) -> list[tuple[object, str]]:
@@ -63,6 +66,12 @@ class Router:
         if len(found) > 1:
             found = self._balance(found)
         return found
+
+    def serves_several_models(self, provider: str) -> bool:
+        """Whether ``provider`` serves more than one model of its own (several names, aliases
+        naming several, or a pattern): then one model's failures are kept apart from the
+        others' (app/pipeline/breakers.py); a provider of one model is that model."""
+        return provider in self._several
 
     def canonical_model(self, model: str) -> str:
         """The provider's own name for ``model`` at the highest priority (aliases resolved)."""
@@ -101,6 +110,11 @@ class Router:
                 created = max((m.get(model, 0) for m in listed.values()), default=0)
                 return adapter.name, created
         return None
+
+    def serves_by_name(self, model: str) -> bool:
+        """Whether ``model`` is a configured name or alias, or one an upstream listed: a name
+        the proxy vouches for (a pattern alone takes any name a client makes up)."""
+        return model in self._exact or any(model in m for m in self._listed.values())
 
     def patterns(self) -> list[str]:
         """The glob patterns of the enabled providers, in config order, each once."""

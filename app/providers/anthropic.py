@@ -14,7 +14,8 @@ import orjson
 
 from app.errors import InvalidRequest, UpstreamError
 from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
-from app.providers.base import ProviderAdapter, Reply, listed_models, parse_json, replayed
+from app.providers.base import (ProviderAdapter, ProviderStream, Reply, asked_usage,
+                                 listed_models, parse_json, replayed)
 from app.validation import MAX_DEPTH, nesting_depth, too_deep
 
 API_VERSION = "2023-06-01"
@@ -65,10 +66,9 @@ class AnthropicAdapter(ProviderAdapter):
         response = self._post(payload, request, attempts, stream=True, retry=retry)
         if response.is_json:  # a whole message where a stream was asked: replay it as one
             return replayed(call, self._answer(call, response.body()), self.name)
-        options = call.body.get("stream_options") or {}
         translator = StreamTranslator(call.endpoint, int(self._clock()), self.name,
-                                      include_usage=options.get("include_usage") is True)
-        return relay(response, translator, self.name)
+                                      include_usage=asked_usage(call))
+        return ProviderStream(call, relay(response, translator, self.name), translator.meter)
 
     def _answer(self, call, body: bytes) -> dict:
         """The OpenAI answer for a whole Messages API message."""
@@ -151,13 +151,14 @@ def _prompt(prompt) -> str:
     return prompt
 
 
-def _conversation(messages: list) -> tuple[str | None, list]:
-    """(system text, Anthropic turns): system messages hoisted, same-role turns merged."""
+def _conversation(messages: list) -> tuple[str | list | None, list]:
+    """(system, Anthropic turns): system messages hoisted (one text, or text blocks when one
+    carries cache_control), same-role turns merged."""
     system, turns = [], []
     for i, message in enumerate(messages):
         role, content = message["role"], message.get("content")
         if role in ("system", "developer"):
-            system.append(_plain_text(content, f"messages[{i}].content"))
+            system.append(_cache_marked(_text_blocks(content, f"messages[{i}].content"), message))
             continue
         if role == "user":
             blocks = _content_blocks(content, f"messages[{i}].content")
@@ -170,12 +171,24 @@ def _conversation(messages: list) -> tuple[str | None, list]:
         else:
             raise InvalidRequest(f"Unsupported role {role!r} in 'messages[{i}]'.",
                                  param=f"messages[{i}].role", code="invalid_value")
+        _cache_marked(blocks, message)
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)  # Anthropic wants the roles to alternate
         else:
             turns.append({"role": role, "content": blocks})
     turns = [_compact(turn) for turn in turns if turn["content"]]
-    return "\n\n".join(s for s in system if s) or None, turns
+    if any("cache_control" in block for blocks in system for block in blocks):
+        return [block for blocks in system for block in blocks], turns  # prompt caching
+    texts = ("\n".join(block["text"] for block in blocks) for blocks in system)
+    return "\n\n".join(t for t in texts if t) or None, turns
+
+
+def _cache_marked(blocks: list, message: dict) -> list:
+    """The ``cache_control`` of a message or content part (Anthropic prompt caching, as
+    LiteLLM takes it in OpenAI's shape) on its last block; ``blocks`` returned."""
+    if blocks and isinstance(message.get("cache_control"), dict):
+        blocks[-1]["cache_control"] = message["cache_control"]
+    return blocks
 
 
 def _compact(turn: dict) -> dict:
@@ -183,18 +196,17 @@ def _compact(turn: dict) -> dict:
     blocks = turn["content"]
     if turn["role"] == "user":
         blocks.sort(key=lambda b: b["type"] != "tool_result")  # stable: order kept otherwise
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
+    if len(blocks) == 1 and blocks[0]["type"] == "text" and "cache_control" not in blocks[0]:
         return {"role": turn["role"], "content": blocks[0]["text"]}
     return turn
 
 
-def _plain_text(content, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
+def _text_blocks(content, param: str) -> list:
+    """A system message's text blocks (their cache_control kept)."""
     blocks = _content_blocks(content, param)
     if any(block["type"] != "text" for block in blocks):
         raise InvalidRequest(f"'{param}' may hold text only.", param=param, code="invalid_value")
-    return "\n".join(block["text"] for block in blocks)
+    return blocks
 
 
 def _content_blocks(content, param: str) -> list:
@@ -211,9 +223,10 @@ def _content_blocks(content, param: str) -> list:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "refusal") and isinstance(part.get(kind), str):
             if part[kind]:
-                blocks.append({"type": "text", "text": part[kind]})
+                blocks += _cache_marked([{"type": "text", "text": part[kind]}], part)
         elif kind == "image_url":
-            blocks.append(_image(part.get("image_url"), f"{param}[{j}].image_url"))
+            blocks += _cache_marked([_image(part.get("image_url"), f"{param}[{j}].image_url")],
+                                    part)
         else:
             raise InvalidRequest(f"Unsupported content part {kind!r} in '{param}[{j}]'.",
                                  param=f"{param}[{j}]", code="invalid_value")
@@ -274,6 +287,8 @@ def _tools(body: dict) -> dict:
                  "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
         if function.get("description"):
             entry["description"] = function["description"]
+        if isinstance(tool.get("cache_control"), dict):  # prompt caching, as LiteLLM takes it
+            entry["cache_control"] = tool["cache_control"]
         tools.append(entry)
     if not tools:
         return {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.errors import UpstreamError
-from app.providers.base import parse_json
+from app.providers.base import UsageMeter, parse_json
 from app.sse import DONE, KEEPALIVE, data_event, event_field
 
 FINISH_REASONS = {
@@ -19,16 +19,27 @@ def finish_reason(stop_reason) -> str:
 
 
 def usage(anthropic_usage) -> dict:
-    """OpenAI usage; cached input counts towards prompt tokens, as it does at OpenAI."""
+    """OpenAI usage. As at OpenAI, ``prompt_tokens`` is every input token: Anthropic's
+    ``input_tokens`` counts only those after the last cache breakpoint, so the cache reads
+    (``prompt_tokens_details.cached_tokens``) and the cache writes are added; the writes,
+    which OpenAI has no field for (and which cost more), stay as
+    ``cache_creation_input_tokens``."""
     u = anthropic_usage if isinstance(anthropic_usage, dict) else {}
-    cached = u.get("cache_read_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
-    completion = u.get("output_tokens") or 0
+    cached, written = _count(u.get("cache_read_input_tokens")), _count(
+        u.get("cache_creation_input_tokens"))
+    prompt = _count(u.get("input_tokens")) + written + cached
+    completion = _count(u.get("output_tokens"))
     result = {"prompt_tokens": prompt, "completion_tokens": completion,
               "total_tokens": prompt + completion}
     if cached:
         result["prompt_tokens_details"] = {"cached_tokens": cached}
+    if written:
+        result["cache_creation_input_tokens"] = written
     return result
+
+
+def _count(value) -> int:
+    return value if type(value) is int and value > 0 else 0
 
 
 def relay(response, translator, provider: str):
@@ -59,6 +70,8 @@ class StreamTranslator:
 
     The first OpenAI event is held back until the first content block starts, so an error
     event right after ``message_start`` still lets the gateway fall back to another provider.
+    The answer's usage goes to ``meter`` as it comes (the input counts with ``message_start``,
+    the final ones with ``message_delta``), whether or not the client asked for a usage chunk.
     """
 
     def __init__(self, endpoint: str, created: int, provider: str, *, include_usage=False):
@@ -67,7 +80,8 @@ class StreamTranslator:
         self.provider = provider
         self.include_usage = include_usage
         self.id = self.model = self.stop_reason = None
-        self.usage: dict = {}
+        self.usage: dict = {}  # Anthropic's counts so far
+        self.meter = UsageMeter()
         self.tool_index: dict = {}  # Anthropic content block index -> OpenAI tool call index
         self.opened = False  # the role chunk has been sent
         self.closed = False  # the finish_reason chunk has been sent
@@ -89,11 +103,13 @@ class StreamTranslator:
         message = event["message"]
         self.id, self.model = message.get("id"), message.get("model")
         self._add_usage(message.get("usage"))
+        self.meter.report(usage(self.usage), final=False)  # output_tokens grows till the end
         return []
 
     def _on_content_block_start(self, event):
         block, out = event["content_block"], self._open()
         if block["type"] == "text" and block.get("text"):
+            self.meter.text(block["text"])
             out.append(self._chunk({"content": block["text"]}))
         elif block["type"] == "tool_use" and self.chat:
             index = self.tool_index[event["index"]] = len(self.tool_index)
@@ -104,6 +120,7 @@ class StreamTranslator:
 
     def _on_content_block_delta(self, event):
         delta, out = event["delta"], self._open()
+        self.meter.text(delta.get("text"), delta.get("partial_json"), delta.get("thinking"))
         if delta["type"] == "text_delta" and delta["text"]:
             out.append(self._chunk({"content": delta["text"]}))
         elif delta["type"] == "input_json_delta" and delta["partial_json"]:
@@ -116,6 +133,7 @@ class StreamTranslator:
     def _on_message_delta(self, event):
         self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
         self._add_usage(event.get("usage"))
+        self.meter.report(usage(self.usage))
         return self._open() + self._close()
 
     def _on_message_stop(self, event):

@@ -8,12 +8,14 @@ from datetime import datetime
 import orjson
 
 from app.errors import UpstreamError
+from app.cache.condense import Condenser
 from app.cache.replay import replay_events
 
 ENDPOINTS = ("chat", "completions", "embeddings")
 KEY_REFUSED = frozenset((401, 403))
 MAX_LISTED_MODELS = 10000  # a model list past this is cut: a real one holds a few hundred
 MAX_MODEL_ID = 256  # characters; a longer id is no model name
+TEXT_FIELDS = ("content", "refusal", "reasoning_content")  # a message's or delta's answer text
 
 
 @dataclass
@@ -33,14 +35,16 @@ class Reply:
     headers: dict = field(default_factory=dict)
     usage: dict | None = None  # the upstream's token counts, OpenAI-shaped
     provider: str = ""  # the provider that answered (set by the gateway)
+    usage_estimated: bool = False  # the upstream sent no usage: ``usage`` is the proxy's estimate
 
 
 class ProviderAdapter:
     """Translates OpenAI-shaped calls to one provider's wire protocol and back.
 
-    ``send`` returns a whole Reply; ``stream`` returns an iterator of OpenAI SSE events
-    (``b"data: ...\\n\\n"``, the last one ``data: [DONE]``). Both raise UpstreamError for a
-    failure another provider may not have, and UpstreamClientError for the client's fault.
+    ``send`` returns a whole Reply; ``stream`` returns a ``ProviderStream`` of OpenAI SSE events
+    (``b"data: ...\\n\\n"``, the last one ``data: [DONE]``) with the answer's usage beside
+    them. Both raise UpstreamError for a failure another provider may not have, and
+    UpstreamClientError for the client's fault.
     """
 
     endpoints = ENDPOINTS
@@ -58,7 +62,9 @@ class ProviderAdapter:
         raise NotImplementedError
 
     def stream(self, call: Call, model: str, request, attempts, *, retry: bool = True):
-        """An iterator of OpenAI SSE events; it fails before its first event if it fails early."""
+        """A ``ProviderStream``: OpenAI SSE events, and the answer's usage beside them (a usage
+        chunk only when the client asked ``include_usage``); it fails before its first event
+        if it fails early."""
         raise NotImplementedError
 
     @property
@@ -134,12 +140,165 @@ def replayed(call, answer, provider: str):
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
         raise UpstreamError(f"provider {provider} sent JSON that is not an answer where a stream "
                             "was asked", provider=provider, kind="protocol")
-    options = call.body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
     try:
         events = list(replay_events(call.endpoint, orjson.dumps(answer),
-                                    include_usage=include_usage))
+                                    include_usage=asked_usage(call)))
     except (ValueError, TypeError, AttributeError):
         raise UpstreamError(f"provider {provider} sent an answer that cannot be replayed as a "
                             "stream", provider=provider, kind="protocol") from None
-    return (event for event in events)  # a generator: the gateway closes what it relays
+    meter = UsageMeter()
+    usage = answer.get("usage")
+    if isinstance(usage, dict) and usage:
+        meter.report(usage)
+    else:
+        meter.relayed = completion_chars(choices)
+    return ProviderStream(call, (event for event in events), meter)
+
+
+# --- the tokens an answer used -------------------------------------------------------------
+
+def asked_usage(call) -> bool:
+    """Whether the client asked for a stream's usage chunk (``stream_options.include_usage``)."""
+    options = call.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: the usual rule of thumb for English text."""
+    return tokens_of_chars(len(text))
+
+
+def tokens_of_chars(chars: int) -> int:
+    """``estimate_tokens`` of a text known by its length (a stream's, counted as it went)."""
+    return max(1, (chars + 3) // 4)
+
+
+def estimated_prompt_tokens(call) -> int:
+    """A call's prompt tokens, estimated: a chat's messages as condensation counts them
+    (``Condenser.estimate_tokens``), a completion's prompt four characters a token (token ids
+    count one each)."""
+    if call.endpoint == "chat":
+        return Condenser.estimate_tokens(call.body.get("messages"))
+    prompt = call.body.get("prompt", call.body.get("input"))
+    total = 0
+    for part in (prompt if isinstance(prompt, list) and not _token_ids(prompt) else [prompt]):
+        if isinstance(part, str):
+            total += estimate_tokens(part)
+        elif _token_ids(part):
+            total += len(part)
+    return total
+
+
+def estimated_usage(call, completion_chars: int, known: dict | None = None) -> dict:
+    """OpenAI-shaped usage for an answer whose upstream gave no final count: the counts it did
+    give (``known``, e.g. Anthropic's at the start of a stream), the rest estimated from the
+    prompt and the ``completion_chars`` characters of text answered."""
+    known = known or {}
+    prompt = _count(known.get("prompt_tokens")) or estimated_prompt_tokens(call)
+    completion = max(_count(known.get("completion_tokens")),
+                     tokens_of_chars(completion_chars) if completion_chars else 0)
+    return {**known, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def completion_chars(choices) -> int:
+    """The characters of text in an answer's or a chunk's choices (content, text, refusal,
+    reasoning, tool call arguments), whatever their shape (anything else counts 0): what an
+    estimate of the completion tokens counts. Plain loops: it runs on every streamed chunk."""
+    chars = 0
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        text = choice.get("text")
+        chars += len(text) if isinstance(text, str) else 0
+        part = choice.get("message") or choice.get("delta")
+        if not isinstance(part, dict):
+            continue
+        for key in TEXT_FIELDS:
+            text = part.get(key)
+            chars += len(text) if isinstance(text, str) else 0
+        calls = part.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            text = function.get("arguments") if isinstance(function, dict) else None
+            chars += len(text) if isinstance(text, str) else 0
+    return chars
+
+
+def with_total(usage: dict) -> dict:
+    """``usage`` with its ``total_tokens``, which some compatible servers leave out (the rate
+    limits charge the total)."""
+    if _count(usage.get("total_tokens")):
+        return usage
+    total = _count(usage.get("prompt_tokens")) + _count(usage.get("completion_tokens"))
+    return {**usage, "total_tokens": total} if total else usage
+
+
+def _count(value) -> int:
+    """A token count as the upstream sent it, or 0 when it is none."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
+class UsageMeter:
+    """What one stream learnt of its answer's tokens as its events went by: the upstream's
+    usage (OpenAI-shaped), whether that was its final count, and the characters of text
+    relayed, for an estimate when the final count never came. Written by the adapter's event
+    generator, read by its ``ProviderStream``."""
+
+    __slots__ = ("usage", "final", "relayed")
+
+    def __init__(self):
+        self.usage: dict | None = None
+        self.final = False
+        self.relayed = 0
+
+    def report(self, usage: dict, *, final: bool = True) -> None:
+        """The upstream's counts; ``final=False`` for counts that may still grow (Anthropic's
+        at the start of a stream)."""
+        self.usage, self.final = with_total(usage), final
+
+    def text(self, *texts) -> None:
+        """Text relayed to the client (anything else is skipped)."""
+        for text in texts:
+            if isinstance(text, str):
+                self.relayed += len(text)
+
+
+class ProviderStream:
+    """An adapter's stream: the OpenAI SSE events for the client, and beside them the answer's
+    token counts, which the gateway's relay reads once the stream ended.
+
+    The counts travel beside the events, not in them: a client that did not ask for the usage
+    chunk never sees one, yet its tokens are charged. When the upstream gave no final count (it
+    ignored ``include_usage``, or the stream broke off first), ``usage`` is estimated from the
+    prompt and the text relayed, and ``usage_estimated`` says so.
+    """
+
+    def __init__(self, call, events, meter: UsageMeter):
+        self._call = call
+        self._events = events
+        self._meter = meter
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._events)
+
+    def close(self):
+        self._events.close()
+
+    @property
+    def usage_estimated(self) -> bool:
+        return not self._meter.final
+
+    @property
+    def usage(self) -> dict:
+        meter = self._meter
+        if meter.final:
+            return meter.usage
+        return estimated_usage(self._call, meter.relayed, meter.usage)

@@ -13,7 +13,8 @@ import time
 
 import orjson
 
-from app.providers.base import ProviderAdapter, Reply
+from app.providers.base import (ProviderAdapter, ProviderStream, Reply, UsageMeter, asked_usage,
+                                 estimate_tokens)
 from app.sse import DONE, data_event
 
 
@@ -33,9 +34,7 @@ class MockAdapter(ProviderAdapter):
             answer = self._embeddings(call, model)
             return Reply(orjson.dumps(answer), usage=answer["usage"])
         text = answer_text(call)
-        prompt_tokens = estimate_tokens(_prompt_text(call))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": estimate_tokens(text),
-                 "total_tokens": prompt_tokens + estimate_tokens(text)}
+        usage = _usage(call, text)
         created = int(self._clock())
         if call.endpoint == "chat":
             body = {"id": _id("chatcmpl", call), "object": "chat.completion", "created": created,
@@ -51,11 +50,13 @@ class MockAdapter(ProviderAdapter):
 
     def stream(self, call, model, request, attempts, *, retry=True):
         attempts.record()
-        return self._stream(call, model)
+        meter = UsageMeter()
+        return ProviderStream(call, self._stream(call, model, meter), meter)
 
-    def _stream(self, call, model):
+    def _stream(self, call, model, meter):
         self._wait(self.settings.latency_ms)
         text = answer_text(call)
+        meter.report(_usage(call, text))  # the mock's counts are known before it answers
         pieces = _split(text, self.settings.chunks)
         chat = call.endpoint == "chat"
         base = {"id": _id("chatcmpl" if chat else "cmpl", call),
@@ -73,6 +74,8 @@ class MockAdapter(ProviderAdapter):
                 choice = {"index": 0, "text": piece, "logprobs": None,
                           "finish_reason": "stop" if last else None}
             yield data_event({**base, "choices": [choice]})
+        if asked_usage(call):
+            yield data_event({**base, "choices": [], "usage": meter.usage})
         yield DONE
 
     def _embeddings(self, call, model):
@@ -97,9 +100,11 @@ def answer_text(call) -> str:
     return f"This is the mock provider answering: {quoted}"
 
 
-def estimate_tokens(text: str) -> int:
-    """About four characters a token: the usual rule of thumb for English text."""
-    return max(1, (len(text) + 3) // 4)
+def _usage(call, text: str) -> dict:
+    """The mock's token counts for answering ``call`` with ``text``."""
+    prompt, completion = estimate_tokens(_prompt_text(call)), estimate_tokens(text)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _prompt_text(call) -> str:

@@ -31,6 +31,9 @@ from app.runtime.supervision import STATE_ENV, SupervisorState
 log = logging.getLogger("llm_proxy.workers")
 
 WORKER_INDEX = "WORKER_INDEX"  # set in a worker's environment: its number, from 0
+# ...and how many there are (``server.workers``): a worker that keeps its own rate-limit
+# buckets (no Redis) enforces its share of every limit, which needs both (WorkerShare)
+WORKER_COUNT = "WORKERS"
 
 
 def bound_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
@@ -116,8 +119,8 @@ class Supervisor:
     """Runs ``workers`` copies of a command and keeps them running until told to stop.
 
     ``command`` is an argv list (run with ``subprocess``) or a callable ``(index) -> Popen``.
-    Each worker gets ``WORKER_INDEX`` in its environment (and ``SUPERVISOR_STATE`` given a
-    ``state``). A worker that exits is started again after its slot's delay: ``restart_delay``,
+    Each worker gets ``WORKER_INDEX`` and ``WORKERS`` (the count) in its environment (and
+    ``SUPERVISOR_STATE`` given a ``state``). A worker that exits is started again after its slot's delay: ``restart_delay``,
     doubled by each further exit up to ``max_restart_delay``, back to the first once a worker
     stays up ``healthy_after`` seconds. It never gives up: stopping everything on a crash loop
     would leave the port unserved, so whoever can crash a worker (too many connections) could
@@ -227,9 +230,9 @@ class Supervisor:
             if callable(self.command):
                 proc = self.command(index)
             else:
-                proc = subprocess.Popen(list(self.command),
-                                        env={**self.env, WORKER_INDEX: str(index)},
-                                        preexec_fn=_die_with_parent)
+                proc = subprocess.Popen(list(self.command), env={
+                    **self.env, WORKER_INDEX: str(index), WORKER_COUNT: str(self.workers)},
+                    preexec_fn=_die_with_parent)
         except (OSError, subprocess.SubprocessError) as e:  # fork refused (EAGAIN, ENOMEM)
             delay = self._back_off(index, self._clock())
             log.error("worker %d could not start (%s); trying again in %.1f s", index, e, delay)
@@ -328,7 +331,33 @@ def supervise(settings, environ: dict) -> int:
                                 stop_timeout=server.shutdown_grace + STOP_MARGIN)
         log.warning("supervising %d workers on %s", supervisor.workers,
                     _address(server.host, port))
+        if not settings.redis.url:
+            for line in split_limits(settings):
+                log.warning("%s", line)
         return supervisor.run()
+
+
+def split_limits(settings) -> list[str]:
+    """What start-up says when ``server.workers`` processes keep their own rate-limit counts
+    (no ``REDIS_URL``): each enforces its share of every key's limits, and which keys have a
+    limit smaller than the count (the workers whose share is 0 refuse them)."""
+    from settings import LIMIT_FIELDS
+
+    n = settings.server.workers
+    lines = [f"{n} workers without REDIS_URL: each keeps its own rate-limit counts and "
+             f"enforces its share of every key's limits (requests, tokens and in flight: "
+             f"limit // {n}, one more for the first limit % {n} workers), so together they "
+             f"admit no more than the limit, but a client may be refused by one worker while "
+             f"another has room. Set REDIS_URL to share exact limits across the workers."]
+    keys = settings.auth.client_keys()
+    for record in (*keys.records, *(() if keys.required else (keys.anonymous,))):
+        small = [f"{name} {value}" for name in LIMIT_FIELDS
+                 if (value := getattr(record, name)) and value < n]
+        if small:
+            who = "anonymous clients" if record is keys.anonymous else f"API key {record.id!r}"
+            lines.append(f"{who}: limits below the {n} workers ({', '.join(small)}): the "
+                         f"workers whose share of a limit is 0 refuse it")
+    return lines
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pybreaker
 
 from app.state.store import LOCAL, PREFIX, RedisGuard, locally
 
+IDLE_TTL = 24 * 3600.0  # seconds a breaker's keys outlive their last write
+
 
 class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
     """pybreaker's ``CircuitRedisStorage`` (same keys, so plain pybreaker processes can share it)
@@ -21,11 +23,20 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
     Reads are served from that copy for ``max_age`` seconds after the last read or write: a
     breaker asks its state and counter on every call, and three Redis round trips a request
     halved pass-through throughput; another process's trip is seen within ``max_age``.
+
+    Nothing is written until there is something to keep: missing keys read as a closed
+    breaker without failures (as pybreaker reads them), so a breaker that never failed costs
+    Redis nothing, and model breakers, named by clients' model names, leave no trace for the
+    models that are fine. Every write gives the keys ``ttl`` seconds more (None: they stay): a
+    breaker no process has written to for that long has nothing worth keeping. A process that
+    finds the state gone while it knows the circuit is not closed (Redis restarted empty)
+    writes it back.
     """
 
     def __init__(self, client, guard: RedisGuard, namespace: str,
                  state: str = pybreaker.STATE_CLOSED, *, max_age: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, ttl: float | None = None):
+        self._ex = max(1, int(ttl)) if ttl else None
         self._guard = guard
         self._lock = threading.Lock()
         self._local = {"state": state, "fail_counter": 0, "success_counter": 0,
@@ -36,42 +47,39 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         super().__init__(state, client, namespace=namespace, fallback_circuit_state=state)
 
     def _initialize_redis_state(self, state: str) -> None:
-        def init(c):
-            pipe = c.pipeline(transaction=False)
-            pipe.setnx(self._namespace("fail_counter"), 0)
-            pipe.setnx(self._namespace("success_counter"), 0)
-            pipe.setnx(self._namespace("state"), state)
-            pipe.execute()
-        self._guard.run(init, locally)
+        """Nothing to write: missing keys read as the closed state they would hold."""
 
     @property
     def state(self) -> str:
         def read(c):
             raw = c.get(self._namespace("state"))
-            if raw is None:  # lost (Redis restarted empty): put back what this process knows
+            if raw is None:  # never written, expired, or lost (Redis restarted empty)
                 with self._lock:
                     known = self._local["state"]
-                c.setnx(self._namespace("state"), known)
+                if known != pybreaker.STATE_CLOSED:  # put back what this process knows
+                    c.set(self._namespace("state"), known, nx=True, ex=self._ex)
                 return known
             return raw.decode()
         return self._remote("state", read)
 
     @state.setter
     def state(self, state: str) -> None:
-        self._write("state", str(state), lambda c: c.set(self._namespace("state"), str(state)))
+        self._write("state", str(state),
+                    lambda c: c.set(self._namespace("state"), str(state), ex=self._ex))
 
     def increment_counter(self) -> None:
         self._bump("fail_counter")
 
     def reset_counter(self) -> None:
-        self._write("fail_counter", 0, lambda c: c.set(self._namespace("fail_counter"), 0))
+        self._write("fail_counter", 0,
+                    lambda c: c.set(self._namespace("fail_counter"), 0, ex=self._ex))
 
     def increment_success_counter(self) -> None:
         self._bump("success_counter")
 
     def reset_success_counter(self) -> None:
         self._write("success_counter", 0,
-                    lambda c: c.set(self._namespace("success_counter"), 0))
+                    lambda c: c.set(self._namespace("success_counter"), 0, ex=self._ex))
 
     @property
     def counter(self) -> int:
@@ -96,8 +104,10 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         stamp = int(now.timestamp())
         self._guard.run(lambda c: c.eval(
             "local v = redis.call('GET', KEYS[1]) "
-            "if not v or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end",
-            1, self._namespace("opened_at"), stamp), locally)
+            "if not v or tonumber(v) < tonumber(ARGV[1]) then "
+            "redis.call('SET', KEYS[1], ARGV[1]) end "
+            "if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end",
+            1, self._namespace("opened_at"), stamp, self._ex or 0), locally)
 
     def _remote(self, name, read):
         now = self._clock()
@@ -119,7 +129,14 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         self._guard.run(write, locally)
 
     def _bump(self, name):
-        value = self._guard.run(lambda c: c.incr(self._namespace(name)), locally)
+        def bump(c):
+            if self._ex is None:
+                return c.incr(self._namespace(name))
+            pipe = c.pipeline(transaction=False)
+            pipe.incr(self._namespace(name))
+            pipe.expire(self._namespace(name), self._ex)
+            return pipe.execute()[0]
+        value = self._guard.run(bump, locally)
         with self._lock:
             self._local[name] = self._local[name] + 1 if value is LOCAL else int(value)
             self._fresh_until[name] = self._clock() + self._max_age
@@ -127,13 +144,15 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
 
 def redis_breaker_storage(client, name: str, prefix: str = PREFIX, *,
                           guard: RedisGuard | None = None, max_age: float = 0.5,
-                          clock: Callable[[], float] = time.monotonic) -> FallbackRedisStorage:
-    """The shared storage of provider ``name``'s breaker, for ``BreakerBoard(storage_factory=)``.
+                          clock: Callable[[], float] = time.monotonic,
+                          ttl: float | None = IDLE_TTL) -> FallbackRedisStorage:
+    """The shared storage of breaker ``name`` (a provider's, or ``provider/model`` for a
+    model's), for ``BreakerBoard(storage_factory=)``.
 
-    Keys ``{prefix}breaker:{name}:pybreaker:*``. Pass the guard the other stores use; without
-    one, a private guard is made (it then counts and trips on its own). Reads are reused for
-    ``max_age`` seconds of ``clock``.
+    Keys ``{prefix}breaker:{name}:pybreaker:*``, dropped by Redis ``ttl`` seconds after their
+    last write. Pass the guard the other stores use; without one, a private guard is made (it
+    then counts and trips on its own). Reads are reused for ``max_age`` seconds of ``clock``.
     """
     guard = guard if guard is not None else RedisGuard(client)
     return FallbackRedisStorage(client, guard, f"{prefix}breaker:{name}", max_age=max_age,
-                                clock=clock)
+                                clock=clock, ttl=ttl)

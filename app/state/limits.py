@@ -15,7 +15,10 @@ from app.pipeline.limits import MICROSECONDS, MemoryLimitStore, Take
 from app.state.store import LOCAL, PREFIX, RedisGuard, locally
 
 # One decision, atomically: the bucket refilled to `t`, `cost` units spent if `need` are there
-# (need < 0: always), written back with an expiry at the time it would be full (no key = full).
+# (need < 0: always; a negative cost gives units back, never past full: a token reservation
+# settled), written back with an expiry at the time it would be full (no key = full). A token
+# reservation is need = cost = the tokens reserved: checked and taken in this one script, so
+# processes cannot all reserve the same last tokens, and a refusal takes nothing.
 # Integer arithmetic exactly as MemoryLimitStore.take. Lua numbers are doubles: every value
 # stays an integer below 2^53 (time in µs ~1.7e15; credit ~ burst * window_µs), ceil_div
 # corrects the float quotient, and integers are written with %.0f (tostring keeps 14 digits).
@@ -44,7 +47,7 @@ if t > updated then
   updated = t
 end
 local allowed = need < 0 or credit >= need * unit
-if allowed then credit = credit - cost * unit end
+if allowed then credit = math.min(full, credit - cost * unit) end
 local reset_us = ceil_div(full - credit, limit)
 if reset_us > 0 then
   redis.call('SET', KEYS[1], string.format('%.0f %.0f', credit, updated),

@@ -224,6 +224,7 @@ class RedisByteCache:
         self.stale_ttl = float(stale_ttl)
         self.max_bytes = int(max_bytes)
         self.maxsize = local.maxsize
+        self.scope = local.scope  # whose entries (ByteCache.scope): the keys carry it
         self.prefix = f"{prefix}cache:{name}:"
         self.count_interval = count_interval
         self.count_limit = count_limit

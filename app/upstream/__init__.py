@@ -5,7 +5,9 @@ Its status and headers; its body read whole, in pieces as they arrive, within
 its SSE events as they arrive, within the ``streaming`` limits, with ``KEEPALIVE`` whenever a
 wait for the upstream completed none; and the error a non-2xx status means, mapped here once.
 Every ``requests``/``urllib3`` exception becomes the proxy's own error here: a request that got
-no answer (``failed_request``) and a body that broke off while read.
+no answer (``failed_request``) and a body that broke off while read. Everything read is scrubbed
+of the proxy's secrets here too (``secrets.Scrubber``), before anyone sees it: the body, each
+event, and the text of an upstream's error message.
 """
 
 from __future__ import annotations
@@ -35,16 +37,18 @@ class UpstreamResponse:
     """One upstream answer. ``body()`` is what ``HttpClient.post`` read (a whole answer, an
     error, or JSON sent where a stream was asked); ``events()`` relays a stream's."""
 
-    def __init__(self, response: requests.Response, client, started: float):
+    def __init__(self, response: requests.Response, client, started: float, scrubber=None):
         self._response = response
         self._client = client
         self._started = started  # when the request began: streams end max_duration after it
+        # the secrets to scrub (the client's key included): the client's by default
+        self._scrubber = scrubber or client.secrets.scrubber
         self.status = response.status_code
         self._body: bytes | None = None
 
     def read(self, deadline: float) -> None:
         """Read the whole body now, within ``max_response_mb`` and ``deadline``."""
-        self._body = _read_whole(self._response, self._client, deadline)
+        self._body = self._scrubber.scrub(_read_whole(self._response, self._client, deadline))
 
     @property
     def ok(self) -> bool:
@@ -79,7 +83,8 @@ class UpstreamResponse:
                 f"provider {provider} answered HTTP {status}{key_hint}", provider=provider,
                 upstream_status=status, kind="status",
                 retry_after=retry_after_seconds(self.header("Retry-After")))
-        message, error_body = _client_error(self._body or b"", status, translate_error)
+        message, error_body = _client_error(self._body or b"", status, translate_error,
+                                            self._scrubber.text)
         return UpstreamClientError(message, status=status, body=error_body, provider=provider)
 
     def events(self):
@@ -92,7 +97,7 @@ class UpstreamResponse:
         stream running past ``streaming.max_duration`` from the request's start, or no byte for
         the read timeout each raise UpstreamError (UpstreamTimeout for the times).
         """
-        client = self._client
+        client, scrub = self._client, self._scrubber.scrub
         limits, name, clock = client.streaming, client.provider, client.clock
         ends_at = self._started + limits.max_duration
         last_event = clock()
@@ -111,7 +116,7 @@ class UpstreamResponse:
                                           f"of {limits.max_duration:g} s "
                                           "(streaming.max_duration)", provider=name,
                                           kind="duration")
-                yield client.scrub(event)
+                yield event if event is KEEPALIVE else scrub(event)
         finally:
             self.close()
 
@@ -146,7 +151,7 @@ def _read_whole(response: requests.Response, client, deadline: float) -> bytes:
     except UpstreamError:
         response.close()
         raise
-    return client.scrub(b"".join(parts))
+    return b"".join(parts)
 
 
 def _iter_body(response: requests.Response, client):
@@ -250,8 +255,10 @@ def _broken_off(e: Exception, provider: str, what: str) -> UpstreamError:
                 kind="timeout" if timeout else "connection")
 
 
-def _client_error(body: bytes, status: int, translate_error):
-    """The upstream's own error message, re-shaped as an OpenAI error when it is not one."""
+def _client_error(body: bytes, status: int, translate_error, scrub):
+    """The upstream's own error message, re-shaped as an OpenAI error when it is not one; every
+    text in it passed through ``scrub`` (the body was scrubbed as bytes: this catches what
+    decoding revealed, such as a key written with unusual escapes)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -260,9 +267,13 @@ def _client_error(body: bytes, status: int, translate_error):
         data = translate_error(data)
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"], orjson.dumps({"error": {
-            "message": error["message"], "type": error.get("type") or "invalid_request_error",
-            "param": error.get("param"), "code": error.get("code")}})
+        message = scrub(error["message"])
+        fields = {name: scrub(value) if isinstance(value, str) else value
+                  for name, value in (("type", error.get("type")), ("param", error.get("param")),
+                                      ("code", error.get("code")))}
+        return message, orjson.dumps({"error": {
+            "message": message, "type": fields["type"] or "invalid_request_error",
+            "param": fields["param"], "code": fields["code"]}})
     message = f"the provider refused the request (HTTP {status})"
     return message, None
 

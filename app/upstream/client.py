@@ -22,11 +22,11 @@ from requests.structures import CaseInsensitiveDict
 
 from app.errors import UpstreamError, UpstreamTimeout
 from app.upstream import UpstreamResponse, failed_request, retry_after_seconds
+from app.upstream.secrets import Secrets
 from settings import StreamingSettings
 
 RETRY_STATUSES = frozenset((429, 502, 503, 504))
 TICK = 1.0  # the longest a quiet stream's thread waits before it looks up
-REDACTED = b"[redacted]"
 
 
 class ClientStats:
@@ -64,9 +64,9 @@ class HttpClient:
                  jitter=random.random):
         self.provider = provider
         self.settings = settings
-        # What an upstream must not echo to clients (our key for it): replaced in every body
-        # and event read. Short values are left alone: they would match ordinary text.
-        self._secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
+        # What an upstream must not echo to clients (every configured key: app/upstream/
+        # secrets.py), replaced in every body and event read; plain values: these only.
+        self.secrets = secrets if isinstance(secrets, Secrets) else Secrets(secrets)
         self.streaming = streaming or StreamingSettings()
         # How often a quiet stream wakes its thread: keep-alives, idle checks, client gone.
         self.tick = min(TICK, *(v / 2 for v in (self.streaming.keepalive_interval,
@@ -113,7 +113,8 @@ class HttpClient:
                                         "redirect, which the proxy does not follow",
                                         provider=self.provider, upstream_status=status,
                                         kind="redirect")
-                answer = UpstreamResponse(response, self, request.started)
+                answer = UpstreamResponse(response, self, request.started,
+                                          self.secrets.for_key(request.client_key))
                 if not stream or not answer.ok or answer.is_json:
                     answer.read(deadline)
             except requests.RequestException as e:
@@ -139,11 +140,8 @@ class HttpClient:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def scrub(self, data: bytes) -> bytes:
-        """``data`` with every secret of this provider replaced by ``[redacted]``."""
-        for secret in self._secrets:
-            if secret in data:
-                data = data.replace(secret, REDACTED)
-        return data
+        """``data`` with every configured secret replaced by ``[redacted]``."""
+        return self.secrets.scrubber.scrub(data)
 
     def close(self):
         self.session.close()
