@@ -140,6 +140,9 @@ class CacheSettings:
     # key: each API key sees only the answers and summaries made for it; shared: every key
     # sees every other's (more hits, but a key can learn what others asked: docs/security.md)
     scope: str = "key"
+    # requests that offer tools (agents' turns) are not cached unless this is on: an agent's
+    # turn is seldom repeated, and a stored answer would replay its tool calls
+    tools: bool = False
 
     def validate(self, path):
         for name in ("response_cache_size", "summary_cache_size"):

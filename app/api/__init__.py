@@ -19,7 +19,8 @@ from settings import ANONYMOUS
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes: no access log line
-_PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings")
+_PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings",
+            "anthropic.messages", "responses.create")  # the views that call a provider
 
 
 def register(app):

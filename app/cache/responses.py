@@ -27,6 +27,7 @@ from app.cache.replay import StreamAssembler, replay_events
 log = logging.getLogger("llm_proxy.response_cache")
 
 HIT, MISS, BYPASS, STALE = "HIT", "MISS", "BYPASS", "STALE"
+REPLAYABLE = ("chat", "completions")  # whose streams are stored and replayed (app/cache/replay)
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
 # What stale-if-error covers: the providers failed, not the client.
 PROVIDER_FAILURES = (UpstreamError, NoProviderAvailable)
@@ -71,11 +72,19 @@ class ResponseCache:
         return request_key(call.endpoint, {**call.body, "model": model},
                            scope=cache_scope(self.settings.scope, tenant))
 
+    def keeps(self, call) -> bool:
+        """Whether the cache may hold answers to ``call``: not a request offering tools unless
+        ``cache.tools``; not a stream of a protocol whose streams it cannot replay (the
+        Anthropic and Responses front ends: their whole answers are kept)."""
+        if call.body.get("tools") and not self.settings.tools:
+            return False
+        return not call.stream or call.endpoint in REPLAYABLE
+
     def key_for(self, call, policy: CachePolicy, request) -> str | None:
         """The request's key; None when the policy neither reads nor writes, or when it cannot
         be computed (the request then bypasses the cache: one the cache cannot handle is still
         served)."""
-        if not (policy.read or policy.write):
+        if not (policy.read or policy.write) or not self.keeps(call):
             return None
         try:
             return self.key(call, request.tenant)

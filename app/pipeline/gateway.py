@@ -19,7 +19,8 @@ import math
 import time
 
 from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, UpstreamRateLimited,
-                        UpstreamTimeout, sse_error_event)
+                        UpstreamTimeout)
+from app import protocols
 from app.observability.metrics import NullMetrics
 from app.pipeline.breakers import concerns_provider
 from app.sse import KEEPALIVE
@@ -61,7 +62,7 @@ class Gateway:
             for adapter, model, retry in self._attempts(call, unavailable):
                 outcome, started = NEUTRAL, self.clock()
                 try:
-                    reply = adapter.send(call, model, request, attempts, retry=retry)
+                    reply = protocols.send(adapter, call, model, request, attempts, retry=retry)
                     outcome = SUCCESS
                     reply.provider = adapter.name
                     return reply
@@ -89,7 +90,7 @@ class Gateway:
         except BaseException:
             self.admission.release()
             raise
-        return StreamRelay(first, events, request, adapter.name,
+        return StreamRelay(first, events, request, adapter.name, call.endpoint,
                            lambda outcome: self._end_stream(adapter, model, outcome, latency),
                            self._orphans, self.clock, self.keepalive_interval)
 
@@ -98,7 +99,7 @@ class Gateway:
         for adapter, model, retry in self._attempts(call, unavailable):
             events, started = None, self.clock()
             try:
-                events = adapter.stream(call, model, request, attempts, retry=retry)
+                events = protocols.stream(adapter, call, model, request, attempts, retry=retry)
                 first = self._first_event(events, started)
             except StopIteration:
                 error = UpstreamError(f"provider {adapter.name} sent an empty stream",
@@ -268,16 +269,16 @@ class StreamRelay:
     dropped relay is freed at once, not by the cycle collector in some other code's frame.
     """
 
-    def __init__(self, first, events, request, provider, on_end, orphans, clock=time.monotonic,
-                 keepalive_interval=0.0):
+    def __init__(self, first, events, request, provider, endpoint, on_end, orphans,
+                 clock=time.monotonic, keepalive_interval=0.0):
         self.provider = provider
         self._on_end = on_end
         self._orphans = orphans
         self._events = events  # the adapter's ProviderStream: the usage travels beside it
         self._result = [NEUTRAL]  # the outcome, written by the generator
         self._ended = False
-        self._gen = _relay_events(first, events, request, provider, self._result, clock,
-                                  keepalive_interval)
+        self._gen = _relay_events(first, events, request, provider, endpoint, self._result,
+                                  clock, keepalive_interval)
 
     @property
     def usage(self) -> dict | None:
@@ -315,8 +316,9 @@ class StreamRelay:
             self._on_end(self._result[0])
 
 
-def _relay_events(first, events, request, provider, result, clock, keepalive_interval):
-    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError.
+def _relay_events(first, events, request, provider, endpoint, result, clock, keepalive_interval):
+    """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError;
+    a failure ends the stream with the error event of ``endpoint``'s protocol.
 
     ``KEEPALIVE`` from below means the upstream gave nothing for the client: it goes out only
     when the client has had nothing for ``keepalive_interval`` (0: never).
@@ -337,8 +339,8 @@ def _relay_events(first, events, request, provider, result, clock, keepalive_int
         result[0] = e
         log.warning("request %s: stream from %s failed after it began: %s",
                     request.id, provider, e.message)
-        yield sse_error_event(e)
+        yield protocols.error_event(endpoint, e)
     except ProxyError as e:
-        yield sse_error_event(e)
+        yield protocols.error_event(endpoint, e)
     finally:
         events.close()

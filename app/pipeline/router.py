@@ -7,6 +7,7 @@ import random
 import re
 
 from app.errors import ModelNotFound, NoProviderAvailable
+from app.protocols import serves
 
 NAMED_IN_404 = 50  # models a 404 names; GET /v1/models lists them all
 
@@ -56,7 +57,7 @@ class Router:
         if not entries:
             raise ModelNotFound(f"The model {model!r} does not exist or is not served by this "
                                 f"proxy. {self._available()}", param="model")
-        found = [(a, m) for a, m in entries if a.settings.enabled and endpoint in a.endpoints]
+        found = [(a, m) for a, m in entries if a.settings.enabled and serves(a, endpoint)]
         if not found:
             if any(a.settings.enabled for a, _ in entries):
                 raise ModelNotFound(f"The model {model!r} does not support this endpoint.",

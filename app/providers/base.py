@@ -21,10 +21,12 @@ TEXT_FIELDS = ("content", "refusal", "reasoning_content")  # a message's or delt
 @dataclass
 class Call:
     """One request as the gateway hands it to an adapter: the client's body, already validated."""
-    endpoint: str  # chat, completions, embeddings
+    endpoint: str  # chat, completions, embeddings; messages, responses (app/protocols)
     body: dict
     raw: bytes | None = None  # the client's bytes, forwarded as they are where possible
     stream: bool = False
+    # the client's protocol headers a native provider gets as sent (anthropic-version, ...)
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
