@@ -20,6 +20,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -514,6 +515,9 @@ class ProviderSettings:
     headers: dict[str, str] = field(default_factory=dict)
     api_version: str = "2024-10-21"  # azure_openai only
     stream_usage: bool = True  # openai, azure_openai: ask streams' usage (stream_options)
+    # openai, azure_openai: the upstream speaks the Responses API, so /v1/responses is passed
+    # through (None: yes for OpenAI's own base_url and for Azure, no for other compatibles)
+    responses: bool | None = None
     max_tokens_default: int = 4096  # anthropic only: its API requires max_tokens
     latency_ms: float = 0.0  # mock only: delay before the answer
     chunk_delay_ms: float = 0.0  # mock only: delay between streamed chunks
@@ -534,6 +538,20 @@ class ProviderSettings:
         _check(self.weight > 0, f"{path}.weight", "must be positive")
         _check(self.max_in_flight >= 0, f"{path}.max_in_flight", "must be 0 (derived) or more")
         _check(self.chunks >= 1, f"{path}.chunks", "must be at least 1")
+        _check(self.responses is None or isinstance(self.responses, bool), f"{path}.responses",
+               f"expected true or false, got {self.responses!r}")
+        _check(not self.responses or self.type in ("openai", "azure_openai"), f"{path}.responses",
+               "only openai and azure_openai providers can speak the Responses API natively")
+
+    @property
+    def speaks_responses(self) -> bool:
+        """Whether ``/v1/responses`` goes to this provider as it is (pass-through) rather than
+        translated to Chat Completions: ``responses`` when set, else OpenAI itself and Azure."""
+        if self.responses is not None:
+            return self.responses
+        if self.type == "azure_openai":
+            return True
+        return self.type == "openai" and urlsplit(self.base_url).hostname == "api.openai.com"
 
 
 @dataclass
@@ -664,9 +682,11 @@ ENV_VARS = {
     "REDIS_URL": ("redis", "url"),
 }
 
+# With no config the mock serves every model name ("*"), so a fresh run works with any
+# client's default model (Claude Code's claude-*, Codex's gpt-*); the names are what it lists.
 MOCK_PROVIDER = {
     "name": "mock", "type": "mock", "priority": 1,
-    "models": ["mock-model", "gpt-4o-mini", "text-embedding-3-small"],
+    "models": ["mock-model", "gpt-4o-mini", "text-embedding-3-small", "*"],
 }
 OPENAI_PROVIDER = {
     "name": "openai", "type": "openai", "base_url": "https://api.openai.com/v1",

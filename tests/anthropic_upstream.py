@@ -76,8 +76,14 @@ def error_event(kind: str, text: str) -> bytes:
     return sse({"type": "error", "error": {"type": kind, "message": text}})
 
 
+COUNTED_TOKENS = 42  # what the fake's count_tokens answers, whatever it is asked
+
+
 def anthropic_answer(recorded):
-    """The default behaviour: "Hello from Claude", whole or streamed, for any model asked."""
+    """The default behaviour: "Hello from Claude", whole or streamed, for any model asked; and
+    ``{"input_tokens": COUNTED_TOKENS}`` from ``POST /v1/messages/count_tokens``."""
+    if recorded.path.endswith("/v1/messages/count_tokens"):
+        return Reply(body={"input_tokens": COUNTED_TOKENS})
     if not recorded.path.endswith("/v1/messages"):
         return error_reply(404, "not_found_error", f"no route {recorded.path}")
     body = recorded.json()

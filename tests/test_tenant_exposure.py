@@ -330,6 +330,32 @@ def test_metric_model_labels_carry_only_names_the_proxy_serves(make_app, upstrea
     assert made_up not in text
 
 
+def test_a_made_up_model_name_whose_breaker_opened_is_named_nowhere_others_read(make_app,
+                                                                             upstream):
+    """A pattern provider whose upstream fails any name opens a breaker for each name a client
+    makes up: /health (read without a key) counts them without naming them, /metrics labels
+    them by the pattern that took them, as its other model labels."""
+    upstream.default = lambda recorded: Reply(500, {"error": {"message": "down"}})
+    app = make_app([provider(upstream.url, models=["gpt-test", "gpt-*"])],
+                   routing={"model_refresh_interval": 0}, http_client={"retry_attempts": 0},
+                   circuit_breaker={"failure_threshold": 2, "adaptive_thresholds": False})
+    client = app.test_client()
+    made_up = ("gpt-acme-merger-finetune", "gpt-acme-layoffs")
+    for model in made_up:
+        for _ in range(2):
+            client.post("/v1/chat/completions", json=chat(model=model)).close()
+    health = client.get("/health")
+    assert health.json["checks"]["circuit_breakers"]["open_models"] == {"up": 2}
+    text = client.get("/metrics").get_data(as_text=True)
+    views = (health.get_data(as_text=True), text,
+             client.get("/metrics?format=json").get_data(as_text=True))
+    assert not [model for model in made_up for view in views if model in view]
+    series = [line for line in text.splitlines()
+              if line.startswith("llm_proxy_model_breaker_state{")]
+    assert series == ['llm_proxy_model_breaker_state{model="gpt-*",provider="up"} 2.0']
+    assert client.get("/providers").json["providers"][0]["model_breakers"].keys() == set(made_up)
+
+
 def test_a_model_no_pattern_takes_is_labelled_other(make_app):
     app = make_app([{"name": "m", "type": "mock", "models": ["mock-model"]}])
     metrics = app.extensions["llm_proxy"].metrics

@@ -285,3 +285,63 @@ def chat_chunks(model, pieces, done=True):
                    "model": model, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                 "finish_reason": "stop"}]})
     return chunks + ([b"[DONE]"] if done else [])
+
+
+# -- an upstream that speaks the OpenAI Responses API natively ---------------------------------
+
+RESPONSE_USAGE = {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2},
+                  "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 1},
+                  "total_tokens": 11}
+
+
+def response_object(model, text, *, id="resp_up1", usage=None, output=None):
+    """A completed Response whose one output item is a message saying ``text`` (or ``output``)."""
+    message = {"id": "msg_up1", "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {"id": id, "object": "response", "created_at": 1, "status": "completed",
+            "model": model, "output": output if output is not None else [message],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": usage if usage is not None else RESPONSE_USAGE}
+
+
+def response_events(response, pieces):
+    """The SSE events (``event:`` lines and all) OpenAI sends for ``response``, its text in
+    ``pieces``; numbered from 0."""
+    shell = {**response, "status": "in_progress", "output": [], "usage": None}
+    item = response["output"][0]
+    part = item["content"][0]
+    where = {"item_id": item["id"], "output_index": 0}
+    events = [{"type": "response.created", "response": shell},
+              {"type": "response.in_progress", "response": shell},
+              {"type": "response.output_item.added", "output_index": 0,
+               "item": {**item, "status": "in_progress", "content": []}},
+              {"type": "response.content_part.added", **where, "content_index": 0,
+               "part": {**part, "text": ""}}]
+    events += [{"type": "response.output_text.delta", **where, "content_index": 0, "delta": p,
+                "logprobs": []} for p in pieces]
+    events += [{"type": "response.output_text.done", **where, "content_index": 0,
+                "text": part["text"], "logprobs": []},
+               {"type": "response.content_part.done", **where, "content_index": 0, "part": part},
+               {"type": "response.output_item.done", "output_index": 0, "item": item},
+               {"type": "response.completed", "response": response}]
+    return [f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': i})}".encode()
+            for i, e in enumerate(events)]
+
+
+def responses_answer(recorded: Recorded):
+    """A default behaviour: ``POST /v1/responses`` answered like OpenAI ("Hello from
+    Responses", whole or streamed), ``GET /v1/responses/{id}`` and its cancel with that
+    response; any other path as ``openai_answer``."""
+    path = recorded.path.split("?")[0]
+    if recorded.method == "POST" and path.endswith("/responses"):
+        body = recorded.json()
+        response = response_object(body.get("model", "unknown"), "Hello from Responses")
+        if body.get("stream"):
+            return Stream(response_events(response, ["Hello", " from", " Responses"]))
+        return Reply(body=response)
+    if "/responses/" in path:
+        cancel = path.endswith("/cancel")
+        response_id = path.removesuffix("/cancel").rsplit("/", 1)[-1]
+        response = response_object("gpt-test", "Hello from Responses", id=response_id)
+        return Reply(body={**response, "status": "cancelled"} if cancel else response)
+    return openai_answer(recorded)

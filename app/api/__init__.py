@@ -24,9 +24,9 @@ _PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings"
 
 
 def register(app):
-    from app.api import admin, health, metrics, openai, providers
+    from app.api import admin, anthropic, health, metrics, openai, providers, responses
 
-    for module in (openai, providers, health, metrics, admin):
+    for module in (openai, anthropic, responses, providers, health, metrics, admin):
         app.register_blueprint(module.bp)
     app.before_request(_start_request)
     app.after_request(_proxy_headers)

@@ -6,8 +6,10 @@ enabled provider whose key variable is unset, memory past its threshold, an upst
 over 10% across at least 20 calls, Redis unreachable while the proxy serves from its local
 stores); ``healthy`` otherwise. The ``providers`` check names each unset key variable in
 ``missing_keys``, there only when one is: otherwise every check keeps its documented fields; so
-does the ``circuit_breakers`` check with ``open_models``, the models kept away now (their
-breaker open or cooling down). The ``redis`` check is there only with ``REDIS_URL``.
+does the ``circuit_breakers`` check with ``open_models``, how many models of each provider are
+kept away now (their breaker open or cooling down): counted, not named, since anyone may read
+this and a pattern provider's model names are whatever clients asked for (``/providers`` and
+``/metrics`` name them, behind keys). The ``redis`` check is there only with ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -106,10 +108,7 @@ def _breakers(llm_proxy):
     check = {"status": "healthy" if healthy else "warning", "total": len(states),
              "open": len(states) - closed, "closed": closed}
     if models:  # one model's trouble, the provider's other models still served
-        check["open_models"] = {
-            provider: {model: {"state": snap["state"], "retry_in": snap["retry_in"]}
-                       for model, snap in found.items()}
-            for provider, found in models.items()}
+        check["open_models"] = {provider: len(found) for provider, found in models.items()}
     return check
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import orjson
 from flask import Blueprint, Response, g, request
 
@@ -45,8 +47,10 @@ def models():
     call: ``ModelDiscovery`` asked in the background): those the key may use, so a tenant
     learns nothing of the models it may not."""
     tenant = g.request.tenant
-    data = [_model(name, owner, created) for name, owner, created in proxy().router.models()
-            if tenant.allows_model(name)]
+    models = [entry for entry in proxy().router.models() if tenant.allows_model(entry[0])]
+    if request.headers.get("anthropic-version"):  # an Anthropic client: its list's shape
+        return Response(orjson.dumps(anthropic_models(models)), mimetype="application/json")
+    data = [_model(name, owner, created) for name, owner, created in models]
     return Response(orjson.dumps({"object": "list", "data": data}), mimetype="application/json")
 
 
@@ -63,6 +67,24 @@ def model(model):
 
 def _model(name, owner, created):
     return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+def anthropic_models(models) -> dict:
+    """The list in Anthropic's shape, whole in one page (``has_more`` false): each model's
+    ``created_at`` in RFC 3339 (the epoch when unknown), its id as its display name."""
+    data = [{"type": "model", "id": name, "display_name": name, "created_at": _rfc3339(created)}
+            for name, _, created in models]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def _rfc3339(created: int) -> str:
+    """An upstream's ``created`` (epoch seconds) in RFC 3339; the epoch for one out of range."""
+    try:
+        moment = datetime.fromtimestamp(created, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        moment = datetime.fromtimestamp(0, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _serve(endpoint):

@@ -184,6 +184,21 @@ class ProxyMetrics:
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
 
+    def open_models(self) -> dict[str, dict[str, dict]]:
+        """The breakers' ``open_models()`` by model label (``_model_label``): the names a client
+        made up under a pattern are the pattern's, with the worst state among them (open before
+        half-open before cooling down, then the longest wait)."""
+        found: dict[str, dict[str, dict]] = {}
+        for provider, models in self.proxy.breakers.open_models().items():
+            labelled = found.setdefault(provider, {})
+            for model, snap in models.items():
+                label = self._model_label(model)
+                kept = labelled.get(label)
+                if kept is None or ((BREAKER_STATES[snap["state"]], snap["retry_in"])
+                                    > (BREAKER_STATES[kept["state"]], kept["retry_in"])):
+                    labelled[label] = snap
+        return found
+
     def _model_label(self, model: str) -> str:
         """``model`` when the proxy serves it by name (configured, an alias, or listed by its
         upstream), else the configured pattern that took it (``gpt-*``), else ``other``: never
@@ -242,7 +257,7 @@ class _StateCollector:
                                    "A model's breaker that is not closed or is cooling down: "
                                    "0 closed (cooling down), 1 half-open, 2 open",
                                    labels=["provider", "model"])
-        for name, found in p.breakers.open_models().items():
+        for name, found in p.metrics.open_models().items():
             for model, snap in found.items():
                 models.add_metric([name, model], BREAKER_STATES[snap["state"]])
         yield models
@@ -321,7 +336,7 @@ def json_view(llm_proxy) -> dict:
         },
         "caches": caches,
         "circuit_breakers": p.breakers.snapshot(),
-        **({"model_breakers": models} if (models := p.breakers.open_models()) else {}),
+        **({"model_breakers": models} if (models := p.metrics.open_models()) else {}),
         **({"costs": p.metrics.cost_totals()} if p.metrics.enabled else {}),
         **({"redis": p.shared.stats()} if p.shared is not None else {}),
         **({"supervisor": supervisor} if (supervisor := read_state()) is not None else {}),

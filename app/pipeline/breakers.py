@@ -22,11 +22,15 @@ The adaptive window, the half-open trial slots and the cool-down are per process
 
 Provider or model. Behind one URL a provider may serve many models (a LiteLLM or vLLM router,
 OpenAI itself), and one model's trouble must not shut off the others. So a failure that
-concerns the provider (it could not be reached, the connection broke, it refused our key:
-``concerns_provider``) counts against the provider's breaker, and one that concerns the model
-asked (a 5xx, a read timeout, a malformed answer; a 429 cools it down) against a breaker of
-that (provider, model), kept by the ``BreakerBoard``; a call must pass both. A provider that
-serves a single model has no model breakers: its model's trouble is the provider's.
+concerns the provider (it could not be reached, the connection broke: ``concerns_provider``)
+counts against the provider's breaker, and one that concerns the model asked (a 5xx, a read
+timeout, a malformed answer, a 401/403; a 429 cools it down) against a breaker of that
+(provider, model), kept by the ``BreakerBoard``; a call must pass both. A 401/403 is the
+model's because such an upstream refuses per model (LiteLLM's per-model key access,
+OpenRouter's moderation) as often as for a bad key, and a tenant could otherwise shut off
+every model by asking for one it may not use; a bad key fails every model, so each opens its
+own breaker. A provider that serves a single model has no model breakers: its model's trouble
+is the provider's.
 """
 
 from __future__ import annotations
@@ -55,16 +59,15 @@ _FROM_PYBREAKER = {
 }
 
 # What a failure says about the provider as a whole: it could not be reached or the connection
-# broke (refused, reset, connect timeout, TLS: app/upstream ``failed_request``), it redirects
-# (misconfigured), or it refused our key (401, 403). Everything else concerns the model asked.
+# broke (refused, reset, connect timeout, TLS: app/upstream ``failed_request``), or it
+# redirects (misconfigured). Everything else, a 401/403 included, concerns the model asked.
 PROVIDER_KINDS = frozenset(("connect", "connection", "redirect"))
-PROVIDER_STATUSES = frozenset((401, 403))
 MAX_MODEL_NAME = 128  # longer (or unprintable) model names are kept under their hash
 
 
 def concerns_provider(error) -> bool:
     """Whether an UpstreamError counts against the provider's breaker, not its model's."""
-    return error.kind in PROVIDER_KINDS or error.upstream_status in PROVIDER_STATUSES
+    return error.kind in PROVIDER_KINDS
 
 
 def model_key(model: str) -> str:

@@ -293,11 +293,14 @@ class RateLimiter:
                     + self._most_answered(body))
         if call.endpoint == "embeddings":
             return _prompt_tokens(body.get("input"), count_messages)
+        if call.endpoint in ("messages", "responses"):  # an agent's turn: messages or input
+            # items, system, tools: its bytes, four characters a token
+            return -(-len(call.raw or b"") // 4) + self._most_answered(body)
         return _prompt_tokens(body.get("prompt"), count_messages) + self._most_answered(body)
 
     def _most_answered(self, body: dict) -> int:
         most = (_positive(body.get("max_completion_tokens")) or _positive(body.get("max_tokens"))
-                or self.reserve_completion)
+                or _positive(body.get("max_output_tokens")) or self.reserve_completion)
         return most * max(1, _positive(body.get("n")), _positive(body.get("best_of")))
 
     def admit(self, tenant: Tenant, tokens: int = 0) -> Admission:

@@ -75,3 +75,13 @@ def error_event(endpoint: str, error: ProxyError) -> bytes:
     """The SSE event that ends a failed stream of ``endpoint``'s protocol."""
     front = FRONT_ENDS.get(endpoint)
     return front.error_event(error) if front is not None else sse_error_event(error)
+
+
+from app.protocols.messages import MessagesFrontEnd  # noqa: E402  (Anthropic Messages)
+
+register(MessagesFrontEnd())
+
+
+from app.protocols.responses import ResponsesFrontEnd  # noqa: E402  (OpenAI Responses)
+
+register(ResponsesFrontEnd())

@@ -3,6 +3,10 @@
 Requests become a ``POST /v1/messages`` body built per call; answers come back as
 ``chat.completion`` (or ``text_completion`` for the legacy endpoint). Streams are translated
 event by event in ``anthropic_stream``.
+
+Calls of the Messages front end (endpoint ``messages``, app/protocols/messages.py) are served
+natively: the client's body goes as it is, with the client's ``anthropic-version`` and
+``anthropic-beta`` and this provider's key, and the answer and its events come back unchanged.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from urllib.parse import quote
 import orjson
 
 from app.errors import InvalidRequest, UpstreamError
-from app.providers.anthropic_stream import StreamTranslator, finish_reason, relay, usage
-from app.providers.base import (ProviderAdapter, ProviderStream, Reply, asked_usage,
-                                 listed_models, parse_json, replayed)
+from app.providers.anthropic_stream import (StreamTranslator, finish_reason, message_events,
+                                            native_relay, relay, usage)
+from app.providers.base import (ProviderAdapter, ProviderStream, Reply, UsageMeter, asked_usage,
+                                 listed_models, parse_json, replayed, tokens_of_chars, with_total)
 from app.validation import MAX_DEPTH, nesting_depth, too_deep
 
 API_VERSION = "2023-06-01"
@@ -25,9 +30,10 @@ MODEL_PAGES = 20  # of up to 1000 models each: Anthropic lists a few dozen
 
 
 class AnthropicAdapter(ProviderAdapter):
-    """Speaks the Messages API for chat and legacy completion calls."""
+    """Speaks the Messages API for chat and legacy completion calls, and natively for the
+    Messages front end's."""
 
-    endpoints = ("chat", "completions")
+    endpoints = ("chat", "completions", "messages")
     lists_models = True
 
     def __init__(self, settings, http, *, clock=time.time):
@@ -54,6 +60,8 @@ class AnthropicAdapter(ProviderAdapter):
         return found
 
     def send(self, call, model, request, attempts, *, retry=True) -> Reply:
+        if call.endpoint == "messages":
+            return self._send_native(call, model, request, attempts, retry)
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=False)
         answer = self._answer(call, self._post(payload, request, attempts, stream=False,
                                                           retry=retry).body())
@@ -62,6 +70,8 @@ class AnthropicAdapter(ProviderAdapter):
     def stream(self, call, model, request, attempts, *, retry=True):
         # The POST happens here, not in the generator: a refused request raises before the
         # first event, so the gateway can still fall back to another provider.
+        if call.endpoint == "messages":
+            return self._stream_native(call, model, request, attempts, retry)
         payload = messages_request(call, model, self.settings.max_tokens_default, stream=True)
         response = self._post(payload, request, attempts, stream=True, retry=retry)
         if response.is_json:  # a whole message where a stream was asked: replay it as one
@@ -69,6 +79,59 @@ class AnthropicAdapter(ProviderAdapter):
         translator = StreamTranslator(call.endpoint, int(self._clock()), self.name,
                                       include_usage=asked_usage(call))
         return ProviderStream(call, relay(response, translator, self.name), translator.meter)
+
+    # --- the Messages front end's calls, as they are ----------------------------------------
+
+    def count_tokens(self, call, model, request, attempts) -> bytes:
+        """``POST /v1/messages/count_tokens`` upstream with the client's body: its answer's
+        bytes (``{"input_tokens": n}``); UpstreamError / UpstreamClientError as for a call."""
+        response = self._post(native_payload(call, model), request, attempts, stream=False,
+                              retry=False, url=self._url + "/count_tokens",
+                              headers=call.headers)
+        answer = parse_json(response.body(), self.name)
+        if not isinstance(answer, dict) or type(answer.get("input_tokens")) is not int:
+            raise UpstreamError(f"provider {self.name} sent a token count without input_tokens",
+                                provider=self.name, kind="protocol")
+        return response.body()
+
+    def _send_native(self, call, model, request, attempts, retry) -> Reply:
+        """The upstream's message, its bytes relayed; its usage read, OpenAI-shaped."""
+        response = self._post(native_payload(call, model), request, attempts, stream=False,
+                              retry=retry, headers=call.headers)
+        body = response.body()
+        message = self._message(body)
+        counts = message.get("usage")
+        if isinstance(counts, dict) and counts:
+            return Reply(body, usage=usage(counts))
+        # None sent (Anthropic always does; a compatible server may not): estimated
+        return Reply(body, usage=with_total({
+            "prompt_tokens": estimated_input_tokens(call.body),
+            "completion_tokens": tokens_of_chars(len(body))}), usage_estimated=True)
+
+    def _stream_native(self, call, model, request, attempts, retry):
+        response = self._post(native_payload(call, model), request, attempts, stream=True,
+                              retry=retry, headers=call.headers)
+        meter = UsageMeter()
+        if response.is_json:  # a whole message where a stream was asked: its events
+            message = self._message(response.body())
+            meter.report(usage(message.get("usage")))
+            try:
+                events = message_events(message)
+            except (AttributeError, TypeError, orjson.JSONEncodeError):
+                raise UpstreamError(f"provider {self.name} sent a message that cannot be "
+                                    "replayed as a stream", provider=self.name,
+                                    kind="protocol") from None
+            return ProviderStream(call, (event for event in events), meter)
+        return ProviderStream(call, native_relay(response, meter, self.name), meter)
+
+    def _message(self, body: bytes) -> dict:
+        message = parse_json(body, self.name)
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or message.get("type") != "message" or not all(
+                isinstance(b, dict) for b in content):
+            raise UpstreamError(f"provider {self.name} sent an answer that is not a message",
+                                provider=self.name, kind="protocol")
+        return message
 
     def _answer(self, call, body: bytes) -> dict:
         """The OpenAI answer for a whole Messages API message."""
@@ -86,14 +149,60 @@ class AnthropicAdapter(ProviderAdapter):
             raise UpstreamError(f"provider {self.name} sent an answer that cannot be written "
                                 "back as JSON", provider=self.name, kind="protocol") from None
 
-    def _post(self, payload: bytes, request, attempts, *, stream, retry):
-        headers = {**self._headers, "X-Request-ID": request.id}
-        response = self.http.post(self._url, payload, headers, request, attempts, stream=stream,
-                                  retry=retry)
+    def _post(self, payload: bytes, request, attempts, *, stream, retry, url=None, headers=None):
+        """``headers``: the client's protocol headers (native calls), over the defaults and
+        under the provider's own ``headers``; never its key: this provider's goes."""
+        if headers:
+            headers = {**self._headers, **headers, **self.settings.headers,
+                       "X-Request-ID": request.id}
+        else:
+            headers = {**self._headers, "X-Request-ID": request.id}
+        response = self.http.post(url or self._url, payload, headers, request, attempts,
+                                  stream=stream, retry=retry)
         if not response.ok:
             raise response.failure(translate_error=openai_error,
                                    key_hint=self.key_hint(response.status))
         return response
+
+
+# --- the Messages front end's bodies --------------------------------------------------------
+
+def native_payload(call, model: str) -> bytes:
+    """The client's bytes as they are; re-encoded only when an alias renames the model."""
+    if call.raw is not None and call.body.get("model") == model:
+        return call.raw
+    return orjson.dumps({**call.body, "model": model})
+
+
+IMAGE_TOKENS = 1600  # an image or a document page: Anthropic's count for about a megapixel
+
+
+def estimated_input_tokens(body: dict) -> int:
+    """The input tokens of a Messages request, estimated where no Anthropic upstream counts
+    them: four characters a token over the system prompt, every text of the messages (tool
+    inputs as their JSON, tool results' text) and the tool definitions as JSON; 1,600 for each
+    image or document. A rule of thumb, within some tens of percent for English text and
+    code."""
+    chars, media = 0, 0
+    parts = [body.get("system"), body.get("messages")]
+    while parts:
+        part = parts.pop()
+        if isinstance(part, str):
+            chars += len(part)
+        elif isinstance(part, list):
+            parts.extend(part)
+        elif isinstance(part, dict):
+            kind = part.get("type")
+            if kind in ("image", "document"):
+                media += 1
+            elif kind == "tool_use":
+                chars += len(part.get("name") or "") + len(orjson.dumps(part.get("input")))
+            else:
+                parts.extend(part.get(k) for k in ("text", "content", "thinking"))
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        chars += len(orjson.dumps(tools))
+    return tokens_of_chars(chars) + media * IMAGE_TOKENS
 
 
 # --- OpenAI request -> Anthropic request ---------------------------------------------------

@@ -1,6 +1,9 @@
-"""Anthropic answers in OpenAI's words: stop reasons, usage, and streamed events as chunks."""
+"""Anthropic answers in OpenAI's words: stop reasons, usage, and streamed events as chunks;
+and, for the Messages front end's pass-through, Anthropic's events relayed as they are."""
 
 from __future__ import annotations
+
+import orjson
 
 from app.errors import UpstreamError
 from app.providers.base import UsageMeter, parse_json
@@ -178,3 +181,144 @@ class StreamTranslator:
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None,
                       "finish_reason": finish}
         return data_event({**self._base(), "choices": [choice]})
+
+
+# --- Anthropic events relayed as they are (the Messages front end's pass-through) ------------
+
+# Events a native stream holds back: until one that carries the answer arrives, an error event
+# can still fall back to another provider (the client has had nothing).
+_PREAMBLE = frozenset((b"message_start", b"ping"))
+# The bytes of a content_block_delta event that are no answer text (its JSON envelope): what a
+# delta's size less this counts as text for an estimate should the final usage never come.
+_DELTA_ENVELOPE = 100
+
+
+def native_relay(response, meter: UsageMeter, provider: str):
+    """The Anthropic SSE events of an ``UpstreamResponse``, relayed unchanged (each written back
+    with its blank line), closed at the end. The answer's usage goes to ``meter`` as it comes:
+    the input counts with ``message_start`` (not final), the final counts with
+    ``message_delta``. Only those two and ``error`` are parsed: the others are relayed by their
+    ``event:`` line, so the relay costs a few bytes' comparison per event.
+
+    The events before the first content block (``message_start``, pings) are held back and
+    sent with it, ``KEEPALIVE`` meanwhile, so an error event right after ``message_start``
+    still lets the gateway fall back. An ``error`` event raises UpstreamError whose ``code`` is
+    the upstream's error type (the front end's error event keeps it); a stream that ends before
+    ``message_stop`` raises UpstreamError too.
+    """
+    held: list | None = []
+    counts: dict = {}
+    try:
+        for event in response.events():
+            if event is KEEPALIVE:
+                yield KEEPALIVE
+                continue
+            name, event = _named(event, provider)
+            if name == b"content_block_delta":
+                meter.relayed += max(0, len(event) - _DELTA_ENVELOPE)
+            elif name == b"message_start":
+                message = _data(event, provider).get("message")
+                _merge_counts(counts, message.get("usage") if isinstance(message, dict) else None)
+                meter.report(usage(counts), final=False)  # output_tokens grows till the end
+            elif name == b"message_delta":
+                _merge_counts(counts, _data(event, provider).get("usage"))
+                meter.report(usage(counts))
+            elif name == b"error":
+                raise _stream_error(_data(event, provider), provider)
+            event += b"\n\n"
+            if held is not None:
+                held.append(event)
+                if name in _PREAMBLE:
+                    yield KEEPALIVE
+                    continue
+                event, held = b"".join(held), None
+            yield event
+            if name == b"message_stop":
+                return
+        raise UpstreamError(f"provider {provider}: the stream ended before it was complete",
+                            provider=provider, kind="truncated")
+    finally:
+        response.close()
+
+
+def _named(event: bytes, provider: str) -> tuple[bytes, bytes]:
+    """(the event's name, the event): its ``event:`` line's, or for an event that has none
+    (clients such as the anthropic SDK skip those) its data's ``type``, then written in."""
+    if event.startswith(b"event:"):
+        end = event.find(b"\n")
+        return event[6:end].strip() if end > 0 else event[6:].strip(), event
+    kind = _data(event, provider).get("type")
+    if not isinstance(kind, str) or not kind:
+        raise UpstreamError(f"provider {provider} sent an event without a type",
+                            provider=provider, kind="protocol")
+    name = kind.encode()
+    return name, b"event: " + name + b"\n" + event
+
+
+def _data(event: bytes, provider: str) -> dict:
+    data = event_field(event, b"data")
+    payload = parse_json(data, provider) if data is not None else None
+    if not isinstance(payload, dict):
+        raise UpstreamError(f"provider {provider} sent an event without a JSON object",
+                            provider=provider, kind="protocol")
+    return payload
+
+
+def _merge_counts(counts: dict, new) -> None:
+    # message_delta repeats the counts so far (output_tokens is cumulative), some as null
+    if isinstance(new, dict):
+        counts.update({k: v for k, v in new.items() if v is not None})
+
+
+def _stream_error(payload: dict, provider: str) -> UpstreamError:
+    error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+    kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+    return UpstreamError(f"provider {provider} failed mid-stream: {kind}: "
+                         f"{error.get('message', '')}", provider=provider, kind="stream_error",
+                         code=kind)
+
+
+def message_events(message: dict) -> list[bytes]:
+    """The SSE events Anthropic would have streamed for a whole ``message`` (an upstream that
+    answered JSON where a stream was asked): start, each block with its content in one delta,
+    the stop reason and usage, stop."""
+    blocks = message.get("content") or []
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+    events = [anthropic_event(b"message_start", {"type": "message_start", "message": start})]
+    for index, block in enumerate(blocks):
+        kind = block.get("type")
+        first, delta = dict(block), None
+        if kind == "text":
+            first["text"], delta = "", {"type": "text_delta", "text": block.get("text") or ""}
+        elif kind == "tool_use":
+            first["input"] = {}
+            delta = {"type": "input_json_delta",
+                     "partial_json": orjson.dumps(block.get("input") or {}).decode()}
+        elif kind == "thinking":
+            first["thinking"], first["signature"] = "", ""
+            delta = {"type": "thinking_delta", "thinking": block.get("thinking") or ""}
+        events.append(anthropic_event(b"content_block_start", {
+            "type": "content_block_start", "index": index, "content_block": first}))
+        if delta is not None:
+            events.append(anthropic_event(b"content_block_delta", {
+                "type": "content_block_delta", "index": index, "delta": delta}))
+        if kind == "thinking" and block.get("signature"):
+            events.append(anthropic_event(b"content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": "signature_delta", "signature": block["signature"]}}))
+        events.append(anthropic_event(b"content_block_stop",
+                                      {"type": "content_block_stop", "index": index}))
+    events.append(anthropic_event(b"message_delta", {
+        "type": "message_delta", "usage": message.get("usage") or {"output_tokens": 0},
+        "delta": {"stop_reason": message.get("stop_reason"),
+                  "stop_sequence": message.get("stop_sequence")}}))
+    events.append(MESSAGE_STOP)
+    return events
+
+
+def anthropic_event(name: bytes, payload: dict) -> bytes:
+    """One event in Anthropic's wire form: its ``event:`` line, its data, the blank line."""
+    return b"event: " + name + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+MESSAGE_STOP = anthropic_event(b"message_stop", {"type": "message_stop"})

@@ -1,7 +1,8 @@
 """Adapter for Azure OpenAI: deployment URLs, ``api-version`` and the ``api-key`` header.
 
 ``base_url`` is the resource endpoint (``https://NAME.openai.azure.com``); each model name
-(or alias target) is the deployment name.
+(or alias target) is the deployment name. The Responses API has no deployment URL: it is
+Azure's v1 surface (``/openai/v1/responses``), the deployment named by the body's ``model``.
 """
 
 from __future__ import annotations
@@ -28,4 +29,6 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         return None
 
     def url(self, endpoint: str, model: str) -> str:
+        if endpoint == "responses":
+            return f"{self._base}/openai/v1/responses"
         return f"{self._base}/openai/deployments/{quote(model, safe='')}{PATHS[endpoint]}{self._query}"

@@ -109,13 +109,16 @@ def _usage(call, text: str) -> dict:
 
 def _prompt_text(call) -> str:
     body = call.body
-    if call.endpoint == "chat":
-        for message in reversed(body.get("messages") or []):
-            content = message.get("content") if isinstance(message, dict) else None
+    if call.endpoint == "chat":  # the last message but instructions (agents put a system
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]  # one last)
+        said = [m for m in messages if m.get("role") not in ("system", "developer")]
+        for message in reversed(said or messages):
+            content = message.get("content")
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return " ".join(p.get("text", "") for p in content
+                                if isinstance(p, dict) and isinstance(p.get("text", ""), str))
         return ""
     prompt = body.get("prompt", body.get("input", ""))
     return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import orjson
 
-from app.errors import UpstreamError
-from app.providers.base import (ProviderAdapter, ProviderStream, Reply, UsageMeter, asked_usage,
-                                 completion_chars, estimated_usage, listed_models, parse_json,
-                                 replayed, with_total)
+from app.errors import NotFound, UpstreamClientError, UpstreamError
+from app.providers import openai_responses as native
+from app.providers.base import (ENDPOINTS, ProviderAdapter, ProviderStream, Reply, UsageMeter,
+                                 asked_usage, completion_chars, estimated_usage, listed_models,
+                                 parse_json, replayed, tokens_of_chars, with_total)
 from app.sse import DONE, KEEPALIVE, event_field
+from app.upstream import PROVIDER_4XX
 
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+         "responses": "/responses"}
 TEXT_ENDPOINTS = ("chat", "completions")  # the ones whose streams take stream_options
 
 
 class OpenAIAdapter(ProviderAdapter):
     """Forwards the client's body as is (only the model name, and a stream's ``stream_options``
-    may change) and relays the answer."""
+    may change) and relays the answer. With ``responses`` on (OpenAI itself and Azure by
+    default) it serves the Responses API natively too (app/providers/openai_responses.py)."""
 
     lists_models = True
 
@@ -27,6 +33,12 @@ class OpenAIAdapter(ProviderAdapter):
         self._models_url = base + "/models"
         self._headers = {"Content-Type": "application/json", **self.auth_headers(),
                          **settings.headers}
+        # The responses its upstream keeps, made through this proxy (None: it speaks no
+        # Responses, and /v1/responses reaches it translated to chat).
+        self.stored_responses = None
+        if settings.speaks_responses:
+            self.endpoints = (*ENDPOINTS, "responses")
+            self.stored_responses = native.StoredResponses()
 
     def auth_headers(self) -> dict:
         key = self.settings.api_key
@@ -65,6 +77,8 @@ class OpenAIAdapter(ProviderAdapter):
     def send(self, call, model, request, attempts, *, retry=True) -> Reply:
         body = self._post(call, model, request, attempts, stream=False, retry=retry).body()
         answer = parse_json(body, self.name)  # a 200 with a broken body is the provider's failure
+        if call.endpoint == "responses":
+            return self._response_reply(call, request, body, answer)
         usage = answer.get("usage") if isinstance(answer, dict) else None
         if isinstance(usage, dict) and usage:
             return Reply(body, usage=with_total(usage))
@@ -76,13 +90,76 @@ class OpenAIAdapter(ProviderAdapter):
 
     def stream(self, call, model, request, attempts, *, retry=True):
         response = self._post(call, model, request, attempts, stream=True, retry=retry)
+        if call.endpoint == "responses":
+            return self._response_stream(call, request, response)
         if response.is_json:  # a whole answer where a stream was asked: replay it as one
             return replayed(call, parse_json(response.body(), self.name), self.name)
         meter = UsageMeter()
         return ProviderStream(call, self._relay(response, meter, asked_usage(call)), meter)
 
+    def stored_response(self, response_id: str, request, attempts, *, cancel=False,
+                        query: str = "") -> Reply:
+        """``GET /responses/{id}`` (``cancel``: ``POST .../cancel``) of a response this
+        provider's upstream keeps, its answer as it is; UpstreamError when it failed."""
+        url = f"{self.url('responses', '')}/{quote(response_id, safe='')}"
+        headers = {**self._headers, "X-Request-ID": request.id}
+        if cancel:
+            answer = self.http.post(url + "/cancel", b"", headers, request, attempts, retry=False)
+            status, body = answer.status, answer.body()
+        else:
+            status, body = self.http.get(url + (f"?{query}" if query else ""), headers,
+                                         timeout=self.http.read_timeout)
+            attempts.record()
+        if 200 <= status < 300:
+            return Reply(body, status=status)
+        if status == 404:
+            raise NotFound(f"The response {response_id!r} is gone from provider {self.name}.",
+                           param="response_id")
+        if 400 <= status < 500 and status not in PROVIDER_4XX:
+            raise UpstreamClientError(f"provider {self.name} refused it (HTTP {status})",
+                                      status=status, body=body, provider=self.name)
+        raise UpstreamError(f"provider {self.name} answered HTTP {status}{self.key_hint(status)}",
+                            provider=self.name, upstream_status=status, kind="status")
+
+    def _response_reply(self, call, request, body: bytes, answer) -> Reply:
+        """A whole Responses answer as the upstream sent it; its usage chat-shaped, its id
+        remembered when the upstream keeps it."""
+        if not isinstance(answer, dict) or answer.get("object") != "response":
+            raise UpstreamError(f"provider {self.name} sent JSON that is not a response",
+                                provider=self.name, kind="protocol")
+        if native.kept_upstream(call.body):
+            self.stored_responses.add(answer.get("id"), request.tenant.id)
+        usage = native.chat_usage(answer.get("usage"))
+        if usage:
+            return Reply(body, usage=usage)
+        chars = sum(len(part.get("text") or "") for item in answer.get("output") or ()
+                    if isinstance(item, dict) for part in item.get("content") or ()
+                    if isinstance(part, dict))
+        prompt, completion = native.prompt_tokens(call), tokens_of_chars(chars)
+        return Reply(body, usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                                  "total_tokens": prompt + completion}, usage_estimated=True)
+
+    def _response_stream(self, call, request, response):
+        """The upstream's Responses events relayed unchanged, usage read on the way."""
+        if response.is_json:
+            response.close()
+            raise UpstreamError(f"provider {self.name} sent JSON where a Responses stream was "
+                                "asked", provider=self.name, kind="protocol")
+        meter = UsageMeter()
+        # What is known before the answer: the prompt's estimate, should no usage come.
+        meter.report({"prompt_tokens": native.prompt_tokens(call)}, final=False)
+        keep = native.kept_upstream(call.body)
+        tenant = request.tenant.id
+
+        def created(answer):
+            if keep:
+                self.stored_responses.add(answer.get("id"), tenant)
+        return ProviderStream(call, native.relay(response, meter, self.name, created), meter)
+
     def _post(self, call, model, request, attempts, *, stream, retry):
         headers = {**self._headers, "X-Request-ID": request.id}
+        if call.endpoint == "responses":
+            headers.update(call.headers)  # OpenAI-Beta, as the client sent it
         response = self.http.post(self.url(call.endpoint, model), self.payload(call, model),
                                   headers, request, attempts, stream=stream,
                                   retry=retry)

@@ -17,11 +17,12 @@ seconds holds its connection for ever). Here, as soon as a request's headers are
 - A ``Content-Length`` over ``server.max_request_body_mb`` gets 413; a chunked body is stopped
   by waitress just past the limit.
 
-A refused request gets the OpenAI-style JSON error and its connection closes, with one log
-line (logger ``llm_proxy.server``) and ``llm_proxy_rejected_requests_total{reason}``; so do
-waitress's own refusals (malformed request 400, headers over ``server.max_header_kb`` 431). A
-connection whose request headers are not complete ``server.header_timeout`` seconds after its
-first byte (or after it opened, for its first request) is closed the same way, with no answer.
+A refused request gets the OpenAI-style JSON error (Anthropic's under ``/v1/messages``) and
+its connection closes, with one log line (logger ``llm_proxy.server``) and
+``llm_proxy_rejected_requests_total{reason}``; so do waitress's own refusals (malformed
+request 400, headers over ``server.max_header_kb`` 431). A connection whose request headers
+are not complete ``server.header_timeout`` seconds after its first byte (or after it opened,
+for its first request) is closed the same way, with no answer.
 The app stays the authority: these checks only refuse earlier what it would refuse anyway.
 
 No waitress class is patched: the channel class is a subclass built per server by
@@ -49,6 +50,7 @@ from waitress.utilities import Error
 
 from app.auth import presented_key
 from app.errors import AdminDisabled, AdminRefused, InvalidRequest, PayloadTooLarge, ProxyError
+from app.protocols import messages
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -148,6 +150,8 @@ class Refusal(Error):
     """A request refused by the server, rendered as the proxy's JSON error; ``rejection`` is
     its llm_proxy_rejected_requests_total reason (None: not counted, e.g. a 500)."""
 
+    anthropic = False  # refused on an Anthropic path: the body in Anthropic's envelope
+
     def __init__(self, error: ProxyError, rejection: str | None):
         super().__init__(error.message)
         self.error = error
@@ -157,7 +161,8 @@ class Refusal(Error):
 
     def to_response(self, ident=None):
         headers = [("Content-Type", "application/json"), *self.error.headers.items()]
-        return f"{self.code} {self.reason}", headers, self.error.body()
+        body = messages.error_body(self.error) if self.anthropic else self.error.body()
+        return f"{self.code} {self.reason}", headers, body
 
     @classmethod
     def of(cls, error: Error, gate: HeaderGate) -> Refusal:
@@ -304,6 +309,7 @@ class _RefusalTask(ErrorTask):
 
     def execute(self):
         refusal = self.request.error = Refusal.of(self.request.error, self.channel.gate)
+        refusal.anthropic = messages.speaks(getattr(self.request, "path", None))
         if refusal.rejection is not None:
             self.channel.gate.refused(refusal.rejection, self.request, self.channel.addr,
                                       refusal.code)
