@@ -5,13 +5,16 @@ BIN := $(VENV)/bin
 # checkov (tests/test_kubernetes.py) in a venv of its own inside $(VENV): its pins
 # (cachetools<6, packaging<24) would break the proxy's cachetools>=8 and pytest's packaging>=24.
 CHECKOV_VENV := $(VENV)/checkov
+# Claude Code and Codex for tests/test_coding_agents.py, at the versions its package-lock.json
+# pins, in its node_modules; npm ci runs again only when the lock changes.
+AGENTS := tests/agents
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean agents
 
 run: $(VENV)/.installed
 	$(BIN)/python wsgi.py
 
-test: $(VENV)/.installed-dev $(CHECKOV_VENV)/.installed
+test: $(VENV)/.installed-dev $(CHECKOV_VENV)/.installed agents
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-bench
@@ -29,6 +32,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 $(CHECKOV_VENV)/.installed: requirements-deploy.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-deploy.txt
+	touch $@
+
+# Only where npm is: without it the agents' tests skip (in CI they fail; .ci/run installs npm).
+agents:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(AGENTS)/node_modules/.installed; \
+	else echo "npm not found: tests/test_coding_agents.py will skip"; fi
+
+$(AGENTS)/node_modules/.installed: $(AGENTS)/package.json $(AGENTS)/package-lock.json
+	cd $(AGENTS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev requirements-bench.txt

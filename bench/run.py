@@ -2,12 +2,16 @@
 
 nginx answering a fixed completion is the upstream (never the bottleneck), wrk the load; the
 proxy (``python wsgi.py``) has core 0 to itself, nginx and wrk share core 1. Each scenario gets a
-fresh proxy; each row is a warm-up and a measured wrk run at one concurrency.
+fresh proxy; each row is a warm-up and a measured wrk run at one concurrency. ``--rounds``
+runs the chosen scenarios again, in turn, so that scenarios compared are measured interleaved
+and the report gives each one's median and spread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import statistics
 from dataclasses import dataclass, field
 
 import psutil
@@ -18,7 +22,7 @@ TOOLS = ("nginx", "wrk", "taskset")
 TITLE = "loopback benchmark"
 OUTPUT = "latest"
 QUICK = {"duration": 2.0, "warmup": 1.0}
-LIMITS = {"duration": (1, 120), "warmup": (0, 30), "retries": (0, 5)}
+LIMITS = {"duration": (1, 120), "warmup": (0, 30), "retries": (0, 5), "rounds": (1, 10)}
 
 
 @dataclass
@@ -27,7 +31,9 @@ class Scenario:
 
     ``providers(upstream_url)`` returns the YAML provider list; None means wrk talks to nginx
     directly. ``proxy_env``/``proxy_config`` adjust the proxy (e.g. ENVIRONMENT=production, a
-    cache section); ``headers`` are sent with every request (an API key).
+    cache section); ``headers`` are sent with every request (an API key). ``path`` and ``body``
+    are what wrk POSTs (a chat completion unless a front end's), ``expect`` the (field, value)
+    the one request before the load must answer with.
     """
     name: str
     title: str
@@ -36,6 +42,9 @@ class Scenario:
     proxy_config: dict = field(default_factory=dict)
     needs_upstream: bool = True
     headers: dict = field(default_factory=dict)
+    path: str = services.PATH
+    body: dict = field(default_factory=lambda: services.CHAT_BODY)
+    expect: tuple = ("object", "chat.completion")
 
 
 BENCH_KEY = "sk-bench-0123456789abcdef0123"
@@ -52,6 +61,45 @@ def _openai_upstream(upstream):
 
 def _mock(upstream):
     return [{"name": "mock", "type": "mock", "models": ["bench-model"]}]
+
+
+def _anthropic_upstream(upstream):
+    return [{"name": "bench-anthropic", "type": "anthropic", "base_url": upstream,
+             "models": ["bench-model"]}]
+
+
+def _responses_upstream(upstream):
+    return [{"name": "bench-responses", "type": "openai", "base_url": upstream + "/v1",
+             "models": ["bench-model"], "responses": True}]
+
+
+# The front ends (app/protocols): what Claude Code and Codex send, in small, answered by nginx
+# natively (an Anthropic Message, a Response) or by its chat completion, translated.
+MESSAGES_BODY = {"model": "bench-model", "max_tokens": 64,
+                 "messages": [{"role": "user", "content": "hello"}]}
+RESPONSES_BODY = {"model": "bench-model", "input": "hello", "store": False}
+MESSAGES = {"path": "/v1/messages", "body": MESSAGES_BODY, "expect": ("type", "message"),
+            "headers": {"anthropic-version": "2023-06-01"}}
+RESPONSES = {"path": "/v1/responses", "body": RESPONSES_BODY, "expect": ("object", "response")}
+FRONT_ENDS = (  # name, path, providers, the client protocol (and its key header in production)
+    ("messages-passthrough", "wrk -> proxy /v1/messages -> nginx (anthropic provider)",
+     _anthropic_upstream, MESSAGES, {"x-api-key": BENCH_KEY}),
+    ("messages-translated", "wrk -> proxy /v1/messages -> nginx chat (openai provider)",
+     _openai_upstream, MESSAGES, {"x-api-key": BENCH_KEY}),
+    ("responses-passthrough", "wrk -> proxy /v1/responses -> nginx (openai, responses: true)",
+     _responses_upstream, RESPONSES, BENCH_AUTH),
+    ("responses-translated", "wrk -> proxy /v1/responses -> nginx chat (openai provider)",
+     _openai_upstream, RESPONSES, BENCH_AUTH),
+)
+
+
+def _front_end_scenarios():
+    """Each front end with the defaults, then with the production profile (``prod-``)."""
+    for name, title, providers, protocol, key in FRONT_ENDS:
+        yield Scenario(name, title, providers=providers, proxy_config=NO_CACHE, **protocol)
+        yield Scenario("prod-" + name, title + ", production profile", providers=providers,
+                       proxy_env=PRODUCTION_ENV, proxy_config=NO_CACHE,
+                       **{**protocol, "headers": {**protocol.get("headers", {}), **key}})
 
 
 SCENARIOS = {s.name: s for s in (
@@ -77,7 +125,12 @@ SCENARIOS = {s.name: s for s in (
     Scenario("prod-passthrough-gc-on", "wrk -> proxy -> nginx, production profile, GC tuning on",
              providers=_openai_upstream, proxy_env={**PRODUCTION_ENV, "GC_TUNING_ENABLED": "true"},
              proxy_config=NO_CACHE, headers=BENCH_AUTH),
+    *_front_end_scenarios(),
 )}
+# A run without --scenarios: the front ends' production variants only when named.
+DEFAULT_SCENARIOS = [name for name in SCENARIOS
+                     if not (name.startswith("prod-") and name.removeprefix("prod-")
+                             in {f[0] for f in FRONT_ENDS})]
 
 TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     ("pass-through req/s at c16", "passthrough_rps_c16", ">=", 1200, "req/s"),
@@ -91,29 +144,46 @@ TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     ("production: cache hit req/s at c16", "prod_cachehit_rps_c16", ">=", 3500, "req/s"),
     ("production: cache hit p50 at c1", "prod_cachehit_p50_ms_c1", "<=", 0.35, "ms"),
     ("production: idle RSS", "prod_idle_rss_mb", "<=", 60, "MB"),
+    # Issue 17: Claude Code's calls to an Anthropic provider cost no more than chat ones.
+    ("messages pass-through added p50 vs chat pass-through at c1", "messages_vs_chat_p50_ms_c1",
+     "<=", 0, "ms"),
 )
 
 
 def add_arguments(p) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each (2)")
-    p.add_argument("--scenarios", type=cli.names(SCENARIOS), default=list(SCENARIOS),
-                   help=f"comma-separated, from: {', '.join(SCENARIOS)}")
+    p.add_argument("--scenarios", type=cli.names(SCENARIOS), default=None,
+                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all but the "
+                        "front ends' prod- variants)")
     p.add_argument("--connections", type=lambda v: [int(c) for c in v.split(",")],
                    default=[1, 16], help="wrk concurrency levels (1,16)")
     p.add_argument("--threads", type=int, default=64,
                    help="waitress threads of the proxy (64; the production rows use 256)")
     p.add_argument("--smoke", action="store_true",
-                   help="one 1 s run of passthrough at c1, no warm-up: does the bench work?")
+                   help="one 1 s run at c1, no warm-up, of passthrough (or the --scenarios "
+                        "named): does the bench work?")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each run, wait up to this long for an idle machine")
     p.add_argument("--retries", type=int, default=0,
                    help="run a *shared* row again, at most this often (0-5), keeping the cleanest")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the scenarios this often (1-10), in turn: medians and spread")
+    p.add_argument("--one-proxy", action="store_true",
+                   help="one proxy for every scenario chosen (each by a model and provider of "
+                        "its own): they differ only by their path through it")
 
 
 def configure(p, args) -> None:
-    if args.smoke:
-        args.duration, args.warmup, args.scenarios, args.connections = 1.0, 0, ["passthrough"], [1]
+    if args.smoke:  # the scenarios named, else pass-through
+        args.duration, args.warmup, args.connections = 1.0, 0, [1]
+        args.scenarios, args.rounds = args.scenarios or ["passthrough"], 1
+    args.scenarios = args.scenarios or list(DEFAULT_SCENARIOS)
+    proxied = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
+    if args.one_proxy and (not proxied or len({repr((s.proxy_env, s.proxy_config))
+                                               for s in proxied}) > 1):
+        p.error("--one-proxy: the scenarios must share one proxy's profile and settings (e.g. "
+                "passthrough with messages-passthrough, not with prod-passthrough or cachehit)")
 
 
 def measure(args, procs, tmp) -> dict:
@@ -122,30 +192,69 @@ def measure(args, procs, tmp) -> dict:
     upstream = None
     if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
         upstream = services.start_nginx(procs, tmp)
-    for name in args.scenarios:
-        scenario, proxy = SCENARIOS[name], None
-        url = upstream
-        if scenario.providers is not None:
-            proxy = services.start_proxy(
-                procs, tmp, name, scenario.providers(upstream), threads=args.threads,
-                env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
-            url = proxy.url
-        services.check_answer(url + services.PATH, headers=scenario.headers)  # and for RSS
-        if proxy:
-            memory[name] = {"idle_rss_mb": _rss_mb(proxy.process.pid)}
-        script = services.write_wrk_script(tmp, name, services.CHAT_BODY,
-                                           headers=scenario.headers)
-        for c in args.connections:
-            rows.append(_measure_row(args, procs, scenario, proxy, url + services.PATH, script,
-                                     c))
-        if proxy:
-            memory[name]["loaded_rss_mb"] = _rss_mb(proxy.process.pid)
-            procs.stop(proxy.process)
+    shared = _one_proxy(args, procs, tmp, upstream) if args.one_proxy else None
+    if shared:
+        memory["one proxy"] = {"idle_rss_mb": _rss_mb(shared.process.pid)}
+    for round_ in range(1, args.rounds + 1):
+        # Every other round in reverse order: a drift of the machine's speed within a round
+        # then favours no scenario over the one measured next to it.
+        for name in args.scenarios if round_ % 2 else reversed(args.scenarios):
+            rows += _measure_scenario(args, procs, tmp, SCENARIOS[name], upstream, memory,
+                                      round_, shared)
+    if shared:
+        memory["one proxy"]["loaded_rss_mb"] = _rss_mb(shared.process.pid)
     summary = _summary(rows, memory)
     return {"settings": {"duration_s": args.duration, "warmup_s": args.warmup,
-                         "threads": args.threads},
-            "rows": rows, "memory": memory, "summary": summary, "targets": _targets(summary),
-            "pass": not any(row["errors"] for row in rows)}
+                         "threads": args.threads, "rounds": args.rounds,
+                         "one_proxy": args.one_proxy},
+            "rows": rows, "memory": memory, "medians": _medians(rows), "summary": summary,
+            "targets": _targets(summary), "pass": not any(row["errors"] for row in rows)}
+
+
+def _own_model(scenario) -> str:
+    return f"bench-{scenario.name}"
+
+
+def _one_proxy(args, procs, tmp, upstream):
+    """``--one-proxy``: one proxy serving every chosen scenario, each by a model of its own
+    from a provider of its own, so the scenarios compared differ only by their path through
+    the proxy, not by the process (each start of a proxy lands a few % faster or slower)."""
+    chosen = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
+    providers = [{**provider, "name": f"{s.name}-{i}", "models": [_own_model(s)]}
+                 for s in chosen for i, provider in enumerate(s.providers(upstream))]
+    return services.start_proxy(procs, tmp, "one-proxy", providers, threads=args.threads,
+                                env=chosen[0].proxy_env, config=chosen[0].proxy_config,
+                                source=args.source)
+
+
+def _measure_scenario(args, procs, tmp, scenario, upstream, memory, round_,
+                      shared=None) -> list[dict]:
+    """One scenario at every concurrency, with a fresh proxy (or ``shared``, asked for the
+    scenario's own model); the RSS of a fresh one (the highest over the rounds) noted in
+    ``memory``."""
+    name, proxy, url = scenario.name, None, upstream
+    if shared is not None and scenario.providers is not None:
+        scenario = dataclasses.replace(scenario,
+                                       body={**scenario.body, "model": _own_model(scenario)})
+        proxy, url = shared, shared.url
+    elif scenario.providers is not None:
+        proxy = services.start_proxy(
+            procs, tmp, name, scenario.providers(upstream), threads=args.threads,
+            env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
+        url = proxy.url
+    target = url + scenario.path
+    services.check_answer(target, scenario.body, headers=scenario.headers,
+                          expect=scenario.expect)  # and for RSS
+    idle = _rss_mb(proxy.process.pid) if proxy else None
+    script = services.write_wrk_script(tmp, name, scenario.body, headers=scenario.headers)
+    rows = [{**_measure_row(args, procs, scenario, proxy, target, script, c), "round": round_}
+            for c in args.connections]
+    if proxy and proxy is not shared:
+        seen = memory.setdefault(name, {"idle_rss_mb": 0, "loaded_rss_mb": 0})
+        seen["idle_rss_mb"] = max(seen["idle_rss_mb"], idle)
+        seen["loaded_rss_mb"] = max(seen["loaded_rss_mb"], _rss_mb(proxy.process.pid))
+        procs.stop(proxy.process)
+    return rows
 
 
 def _measure_row(args, procs, scenario, proxy, target, script, connections) -> dict:
@@ -167,7 +276,7 @@ def _measure_row(args, procs, scenario, proxy, target, script, connections) -> d
             break
     if best["errors"]:
         script = services.write_wrk_script(os.path.dirname(script), scenario.name,
-                                           services.CHAT_BODY, headers=scenario.headers,
+                                           scenario.body, headers=scenario.headers,
                                            count=True)
         best["failure_sample"] = services.run_wrk(target, script, connections=connections,
                                                   seconds=2)["statuses"]
@@ -191,9 +300,37 @@ def _rss_mb(pid) -> float:
     return round(psutil.Process(pid).memory_info().rss / 1024 / 1024, 1)
 
 
+def _medians(rows) -> list[dict]:
+    """Per scenario and concurrency: the median of each figure over the rounds, and its range."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["scenario"], r["connections"]), []).append(r)
+    return [{"scenario": name, "connections": c, "rounds": len(runs),
+             **{k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")},
+             **{f"{k}_range": [min(r[k] for r in runs), max(r[k] for r in runs)]
+                for k in ("rps", "p50_ms", "p99_ms")}}
+            for (name, c), runs in out.items()]
+
+
+def paired_p50_difference(rows, name, reference, connections=1):
+    """``name``'s p50 less ``reference``'s, round by round (each pair measured one after the
+    other): (median, [lowest, highest]) in ms, or None when either was not run."""
+    def p50s(scenario):
+        return {r["round"]: r["p50_ms"] for r in rows
+                if r["scenario"] == scenario and r["connections"] == connections}
+    mine, theirs = p50s(name), p50s(reference)
+    differences = [mine[k] - theirs[k] for k in mine if k in theirs]
+    if not differences:
+        return None
+    return (round(statistics.median(differences), 3),
+            [round(min(differences), 3), round(max(differences), 3)])
+
+
 def _summary(rows, memory) -> dict:
-    def find(name, c):
-        return next((r for r in rows if r["scenario"] == name and r["connections"] == c), {})
+    medians = _medians(rows)
+
+    def find(name, c):  # the median over the rounds
+        return next((m for m in medians if m["scenario"] == name and m["connections"] == c), {})
     direct, through = find("direct", 1).get("p50_ms"), find("passthrough", 1).get("p50_ms")
     prod = find("prod-passthrough", 1).get("p50_ms")
     prod16 = find("prod-passthrough", 16)
@@ -210,6 +347,8 @@ def _summary(rows, memory) -> dict:
             "cachehit_p50_ms_c1": find("cachehit", 1).get("p50_ms"),
             "added_p50_ms_c1": None if direct is None or through is None
             else round(through - direct, 3),
+            "messages_vs_chat_p50_ms_c1": (paired_p50_difference(
+                rows, "messages-passthrough", "passthrough") or (None,))[0],
             "idle_rss_mb": memory.get("passthrough", memory.get("mock", {})).get("idle_rss_mb")}
 
 
@@ -229,17 +368,24 @@ def _targets(summary) -> list[dict]:
 def render(rep) -> list[str]:
     """One row per run, then the proxies' memory."""
     s = rep["settings"]
+    rounds = s.get("rounds", 1)
     lines = [f"- settings: {s['duration_s']:g} s runs after {s['warmup_s']:g} s warm-up; "
              f"waitress threads {s['threads']}; proxy on core {services.PROXY_CORE}, nginx and "
-             f"wrk on core {services.LOAD_CORE}",
-             "", "| scenario | path | conc. | req/s | p50 ms | p99 ms | non-2xx | errors | "
-             "proxy CPU | other processes CPU | steal |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"wrk on core {services.LOAD_CORE}"
+             + (f"; {rounds} rounds, the scenarios in turn (every other round reversed)"
+                if rounds > 1 else "")
+             + ("; one proxy for every scenario, each by its own model `bench-<scenario>`"
+                if s.get("one_proxy") else ""),
+             "", "| " + ("round | " if rounds > 1 else "") + "scenario | path | conc. | req/s | "
+             "p50 ms | p99 ms | non-2xx | errors | proxy CPU | other processes CPU | steal |",
+             "| " + ("---: | " if rounds > 1 else "") + "--- | --- | ---: | ---: | ---: | ---: | "
+             "---: | ---: | ---: | ---: | ---: |"]
     for r in rep["rows"]:
         flag = " **FLAGGED: errors**" if r["errors"] else ""
         flag += " *(shared)*" if machine.shared(r) else ""
         cpu = "-" if r["proxy_cpu_pct"] is None else f"{r['proxy_cpu_pct']:.0f}%"
-        lines.append(f"| {r['scenario']}{flag} | {r['title']} | {r['connections']} | "
+        lines.append("| " + (f"{r['round']} | " if rounds > 1 else "") +
+                     f"{r['scenario']}{flag} | {r['title']} | {r['connections']} | "
                      f"{r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['non_2xx']} |"
                      f" {r['errors']} | {cpu} | {r['others_cpu_pct']:.0f}% |"
                      f" {r['steal_pct']:.0f}% |")
@@ -249,7 +395,49 @@ def render(rep) -> list[str]:
                 lines.append(f"\n**FLAGGED** {r['scenario']} c{r['connections']}: in a 2 s "
                              f"diagnostic run, {seen['count']} x {status}: `{seen['example']}`")
     lines += report.shared_note(rep["rows"])
+    if rounds > 1:
+        lines += ["", f"Medians over the {rounds} rounds (lowest - highest):", "",
+                  "| scenario | conc. | req/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
+        for m in rep["medians"]:
+            lines.append(f"| {m['scenario']} | {m['connections']} | {_spread(m, 'rps', ',.0f')} | "
+                         f"{_spread(m, 'p50_ms', '.3f')} | {_spread(m, 'p99_ms', '.3f')} |")
+    lines += _front_end_lines(rep)
     lines += ["", "| proxy | idle RSS MB | RSS after load MB |", "| --- | ---: | ---: |"]
     for name, mem in rep["memory"].items():
         lines.append(f"| {name} | {mem['idle_rss_mb']} | {mem.get('loaded_rss_mb', '-')} |")
     return lines
+
+
+def _spread(median, key, fmt) -> str:
+    low, high = median[f"{key}_range"]
+    if median["rounds"] == 1:
+        return format(median[key], fmt)
+    return f"{median[key]:{fmt}} ({low:{fmt}} - {high:{fmt}})"
+
+
+def _front_end_lines(rep) -> list[str]:
+    """Each front end against the chat pass-through of its profile, measured in the same run:
+    p50 less chat's, round by round (its median and range), and req/s as a share of chat's."""
+    lines = []
+    for m in rep["medians"]:
+        name, c = m["scenario"], m["connections"]
+        base = name.removeprefix("prod-")
+        if base not in {f[0] for f in FRONT_ENDS}:
+            continue
+        reference = "prod-passthrough" if name.startswith("prod-") else "passthrough"
+        chat = next((x for x in rep["medians"]
+                     if x["scenario"] == reference and x["connections"] == c), None)
+        paired = paired_p50_difference(rep["rows"], name, reference, c)
+        if chat is None or paired is None:
+            continue
+        difference, (low, high) = paired
+        spread = f" ({low:+.3f} - {high:+.3f})" if low != high else ""
+        lines.append(f"| {name} | {c} | {difference:+.3f}{spread} | "
+                     f"{m['rps'] / chat['rps']:.1%} |")
+    if not lines:
+        return []
+    return ["", "The front ends against the chat pass-through (`passthrough`, or "
+            "`prod-passthrough` for a prod- row) of the same run: p50 less chat's, round by "
+            "round (median, lowest - highest), and req/s as a share of chat's (medians).", "",
+            "| front end | conc. | p50 - chat p50, ms | req/s / chat's |",
+            "| --- | ---: | ---: | ---: |", *lines]

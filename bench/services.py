@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from bench.upstreams import CHAT_COMPLETION
+from bench.upstreams import ANTHROPIC_MESSAGE, CHAT_COMPLETION, RESPONSE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -172,6 +172,14 @@ http {{
             default_type application/json;
 {log}            {chat}
         }}
+        location = /v1/messages {{
+            default_type application/json;
+            return 200 '{message}';
+        }}
+        location = /v1/responses {{
+            default_type application/json;
+            return 200 '{response}';
+        }}
     }}
 }}
 """
@@ -183,7 +191,8 @@ def start_nginx(procs: ProcessSet, tmp: str, name: str = "nginx", *, chat: str =
     """nginx (one worker, its own dir under ``tmp``) on a free loopback port, pinned to the load
     core; ``chat`` is the body of its ``/v1/chat/completions`` location (by default a fixed
     chat.completion; JSON is the default type). With ``calls_log`` every call there is logged as one line, its status.
-    Returns its base URL."""
+    ``/v1/messages`` and ``/v1/responses`` answer the same text as a fixed Anthropic Message and
+    a fixed Response (the front ends' pass-through). Returns its base URL."""
     home = os.path.join(tmp, name)
     os.makedirs(home, exist_ok=True)
     port = free_port()
@@ -191,7 +200,7 @@ def start_nginx(procs: ProcessSet, tmp: str, name: str = "nginx", *, chat: str =
     conf = os.path.join(home, "nginx.conf")
     with open(conf, "w") as f:
         f.write(NGINX_CONF.format(home=home, port=port, chat=chat, http_extra=http_extra,
-                                  log=log))
+                                  log=log, message=ANTHROPIC_MESSAGE, response=RESPONSE))
     error_log = os.path.join(home, "nginx-error.log")
     process = procs.start(["taskset", "-c", LOAD_CORE, which("nginx"), "-p", home, "-c", conf,
                            "-e", error_log], log_path=os.path.join(home, "nginx.out"))
@@ -289,11 +298,14 @@ def request(url, body=None, timeout=5.0, headers=None) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-def check_answer(url, body=None, headers=None, timeout=5.0) -> None:
-    """One request before the load: ``url`` must answer 200 with a chat completion."""
+def check_answer(url, body=None, headers=None, timeout=5.0,
+                 expect=("object", "chat.completion")) -> None:
+    """One request before the load: ``url`` must answer 200 with a chat completion (or, by
+    ``expect`` (field, value), an Anthropic Message or a Response)."""
     status, data = request(url, body or CHAT_BODY, timeout=timeout, headers=headers)
-    if json.loads(data).get("object") != "chat.completion":
-        raise RuntimeError(f"{url} answered {status} without a chat.completion: {data[:200]!r}")
+    field, value = expect
+    if json.loads(data).get(field) != value:
+        raise RuntimeError(f"{url} answered {status} without a {value}: {data[:200]!r}")
 
 
 def write_wrk_script(tmp: str, name: str, body: dict, *, headers=None, count=False) -> str:

@@ -49,6 +49,25 @@ def test_the_bench_smoke_run_measures_and_writes_its_report(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
 
 
+def test_the_front_ends_pass_through_scenarios_run(tmp_path):
+    """nginx's /v1/messages and /v1/responses answer the proxy's pass-through, and the report
+    compares each front end with the chat pass-through of the same run."""
+    _tools_or_skip()
+    output = tmp_path / "front-ends"
+    done = subprocess.run([sys.executable, "-m", "bench", "run", "--smoke", "--no-setup",
+                           "--scenarios", "passthrough,messages-passthrough,responses-passthrough",
+                           "--output", str(output)], cwd=REPO, capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert [(r["scenario"], r["connections"]) for r in report["rows"]] == [
+        ("passthrough", 1), ("messages-passthrough", 1), ("responses-passthrough", 1)]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["rows"])
+    assert report["summary"]["messages_vs_chat_p50_ms_c1"] is not None
+    text = output.with_suffix(".md").read_text()
+    assert "| messages-passthrough | 1 |" in text and "| responses-passthrough | 1 |" in text
+
+
 def test_every_command_has_help():
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)

@@ -345,3 +345,42 @@ def responses_answer(recorded: Recorded):
         response = response_object("gpt-test", "Hello from Responses", id=response_id)
         return Reply(body={**response, "status": "cancelled"} if cancel else response)
     return openai_answer(recorded)
+
+
+# -- tool calls, for the agents' tool loops ----------------------------------------------------
+
+def chat_tool_call_chunks(model, call_id, name, arguments: str):
+    """The chat.completion.chunk payloads of an answer that calls one tool, its JSON
+    ``arguments`` in two pieces, then [DONE]."""
+    base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": model}
+    half = len(arguments) // 2
+    deltas = [{"role": "assistant", "content": None, "tool_calls": [
+                  {"index": 0, "id": call_id, "type": "function",
+                   "function": {"name": name, "arguments": arguments[:half]}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}]
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                    "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "tool_calls"}]})
+    return chunks + [b"[DONE]"]
+
+
+def function_call_events(model, call_id, name, arguments: str, *, id="resp_up2"):
+    """The SSE events OpenAI sends for a Response whose one output item calls the function
+    ``name`` with the JSON ``arguments`` (in one delta); numbered from 0."""
+    item = {"id": "fc_up1", "type": "function_call", "status": "completed", "call_id": call_id,
+            "name": name, "arguments": arguments}
+    response = response_object(model, "", id=id, output=[item])
+    shell = {**response, "status": "in_progress", "output": [], "usage": None}
+    where = {"item_id": item["id"], "output_index": 0}
+    events = [{"type": "response.created", "response": shell},
+              {"type": "response.in_progress", "response": shell},
+              {"type": "response.output_item.added", "output_index": 0,
+               "item": {**item, "status": "in_progress", "arguments": ""}},
+              {"type": "response.function_call_arguments.delta", **where, "delta": arguments},
+              {"type": "response.function_call_arguments.done", **where, "name": name,
+               "arguments": arguments},
+              {"type": "response.output_item.done", "output_index": 0, "item": item},
+              {"type": "response.completed", "response": response}]
+    return [f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': i})}".encode()
+            for i, e in enumerate(events)]

@@ -12,7 +12,7 @@ from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app.auth import presented_key
-from app.errors import AuthError, PayloadTooLarge, ProxyError, error_body
+from app.errors import AuthError, ModelNotFound, PayloadTooLarge, ProxyError, error_body
 from app.pipeline import Request, Trace
 from settings import ANONYMOUS
 
@@ -103,6 +103,41 @@ def _price(llm_proxy, trace):
     cost = llm_proxy.prices.cost(trace)
     trace.cost_usd = cost.usd
     return cost
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def versioned_route(bp, path, **options):
+    """Register a view of ``bp`` at ``/v1{path}`` and at ``{path}`` (clients differ on it)."""
+    def decorate(view):
+        bp.add_url_rule("/v1" + path, view_func=view, **options)
+        bp.add_url_rule(path, view_func=view, endpoint=view.__name__ + "_unversioned", **options)
+        return view
+    return decorate
+
+
+def answer(call) -> Response:
+    """What every front end's view does once it parsed its protocol into ``call``: hand it to
+    the pipeline, and render the answer as SSE events or a whole JSON body."""
+    pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
+    try:
+        if call.stream:
+            events = pipeline.stream(call, g.request, g.trace, cache_control)
+            return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+        reply = pipeline.complete(call, g.request, g.trace, cache_control)
+    except ModelNotFound as e:
+        raise unlisted(e, call.body["model"], g.request.tenant) from None
+    return Response(reply.body, status=reply.status, mimetype="application/json")
+
+
+def unlisted(error, model, tenant):
+    """The router's 404 lists every model served: for a key with an allow-list, one that names
+    none, so a tenant learns of no model it may not use."""
+    if error.code != ModelNotFound.code or not tenant.models:
+        return error
+    return ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy. "
+                         "GET /v1/models lists the models this key may use.", param="model")
 
 
 def authenticate():

@@ -8,7 +8,7 @@ import logging
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app.api import authenticate, proxy
+from app.api import answer, authenticate, proxy, unlisted
 from app.errors import ModelNotFound, NotFound, PayloadTooLarge, ProxyError
 from app.protocols import messages as protocol
 from app.providers import Call
@@ -16,7 +16,6 @@ from app.validation import parse_body
 
 log = logging.getLogger("llm_proxy.api")
 bp = Blueprint("anthropic", __name__)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @bp.before_request
@@ -40,15 +39,7 @@ def messages():
     body = protocol.validate(parse_body(raw))
     stream = body.get("stream") is True
     call = Call("messages", body, raw, stream, protocol.protocol_headers(request.headers))
-    pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
-    try:
-        if stream:
-            events = pipeline.stream(call, g.request, g.trace, cache_control)
-            return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-        reply = pipeline.complete(call, g.request, g.trace, cache_control)
-    except ModelNotFound as e:
-        raise _unlisted(e, body["model"], g.request.tenant) from None
-    return Response(reply.body, status=reply.status, mimetype="application/json")
+    return answer(call)
 
 
 @bp.route("/v1/messages/count_tokens", methods=["POST"])
@@ -66,7 +57,7 @@ def count_tokens():
     try:
         counted = protocol.count_tokens(llm_proxy.router, call, g.request, trace.upstream)
     except ModelNotFound as e:
-        raise _unlisted(e, body["model"], tenant) from None
+        raise unlisted(e, body["model"], tenant) from None
     finally:
         trace.admission.finish(0)
     return Response(counted, mimetype="application/json")
@@ -84,14 +75,6 @@ def wrong_method():
 def unknown(rest):
     """Anthropic's other message routes (batches...) are not served: a 404 in its envelope."""
     raise NotFound(f"Unknown path {request.path!r}.")
-
-
-def _unlisted(error, model, tenant):
-    """For a key with a model allow-list, a 404 that names no model (see app/api/openai.py)."""
-    if error.code != ModelNotFound.code or not tenant.models:
-        return error
-    return ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy. "
-                         "GET /v1/models lists the models this key may use.", param="model")
 
 
 @bp.errorhandler(ProxyError)

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import partial
 
 import orjson
 from flask import Blueprint, Response, g, request
 
-from app.api import authenticate, proxy
+from app.api import answer, authenticate, proxy, versioned_route
 from app.errors import ModelNotFound
 from app.providers import Call
 from app.validation import parse_body, validate
 
 bp = Blueprint("openai", __name__)
 bp.before_request(authenticate)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _route(path, **options):
-    """Register a view at ``/v1{path}`` and at ``{path}``."""
-    def decorate(view):
-        bp.add_url_rule("/v1" + path, view_func=view, **options)
-        bp.add_url_rule(path, view_func=view, endpoint=view.__name__ + "_unversioned", **options)
-        return view
-    return decorate
+_route = partial(versioned_route, bp)
 
 
 @_route("/chat/completions", methods=["POST"])
@@ -88,27 +80,9 @@ def _rfc3339(created: int) -> str:
 
 
 def _serve(endpoint):
-    """Parse and validate the body into a Call, hand it to the pipeline, render its answer;
-    legacy clients need no Content-Type."""
+    """Parse and validate the body into a Call and answer it; legacy clients need no
+    Content-Type."""
     raw = request.get_data(cache=False)
     body = validate(endpoint, parse_body(raw))
     stream = endpoint != "embeddings" and body.get("stream") is True
-    call = Call(endpoint, body, raw, stream)
-    pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
-    try:
-        if stream:
-            events = pipeline.stream(call, g.request, g.trace, cache_control)
-            return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-        reply = pipeline.complete(call, g.request, g.trace, cache_control)
-    except ModelNotFound as e:
-        raise _unlisted(e, body["model"], g.request.tenant) from None
-    return Response(reply.body, status=reply.status, mimetype="application/json")
-
-
-def _unlisted(error, model, tenant):
-    """The router's 404 lists every model served: for a key with an allow-list, one that names
-    none, so a tenant learns of no model it may not use."""
-    if error.code != ModelNotFound.code or not tenant.models:
-        return error
-    return ModelNotFound(f"The model {model!r} does not exist or is not served by this proxy. "
-                         "GET /v1/models lists the models this key may use.", param="model")
+    return answer(Call(endpoint, body, raw, stream))

@@ -4,13 +4,13 @@ the pipeline like any call; retrieve and cancel forwarded to the provider that k
 from __future__ import annotations
 
 import re
+from functools import partial
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, g, request
 
-from app.api import authenticate, proxy
-from app.api.openai import SSE_HEADERS, _unlisted
-from app.errors import InvalidRequest, ModelNotFound, NotFound
+from app.api import answer, authenticate, proxy, versioned_route
+from app.errors import InvalidRequest, NotFound
 from app.pipeline import Attempts
 from app.protocols.responses import dropped_tools, validate_request
 from app.providers import Call
@@ -24,13 +24,7 @@ _RESPONSE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 QUERY = ("include", "include[]")  # the query a retrieve forwards (what to include)
 
 
-def _route(path, **options):
-    """Register a view at ``/v1{path}`` and at ``{path}``."""
-    def decorate(view):
-        bp.add_url_rule("/v1" + path, view_func=view, **options)
-        bp.add_url_rule(path, view_func=view, endpoint=view.__name__ + "_unversioned", **options)
-        return view
-    return decorate
+_route = partial(versioned_route, bp)
 
 
 @_route("/responses", methods=["POST"])
@@ -42,16 +36,7 @@ def create():
     stream = body.get("stream") is True
     headers = {name: request.headers[name] for name in FORWARDED if name in request.headers}
     call = Call("responses", body, raw, stream, headers)
-    pipeline, cache_control = proxy().pipeline, request.headers.get("Cache-Control", "")
-    try:
-        if stream:
-            events = pipeline.stream(call, g.request, g.trace, cache_control)
-            response = Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-        else:
-            reply = pipeline.complete(call, g.request, g.trace, cache_control)
-            response = Response(reply.body, status=reply.status, mimetype="application/json")
-    except ModelNotFound as e:
-        raise _unlisted(e, body["model"], g.request.tenant) from None
+    response = answer(call)
     dropped = _dropped(body, g.trace.provider)
     if dropped:
         response.headers["X-Proxy-Dropped-Tools"] = ", ".join(dropped)

@@ -40,6 +40,34 @@ class FrontEnd:
         raise NotImplementedError
 
 
+class TranslatedStream:
+    """A chat ``ProviderStream`` rewritten in a front end's protocol: ``events`` (a generator
+    over ``chat_stream``) for the client, and beside them the chat stream's usage
+    (OpenAI-shaped, the upstream's or its estimate), as the gateway reads it."""
+
+    def __init__(self, events, chat_stream):
+        self._events = events
+        self._chat = chat_stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._events)
+
+    def close(self):
+        self._events.close()
+        self._chat.close()  # an unstarted generator skips its finally
+
+    @property
+    def usage(self):
+        return self._chat.usage
+
+    @property
+    def usage_estimated(self) -> bool:
+        return self._chat.usage_estimated
+
+
 FRONT_ENDS: dict[str, FrontEnd] = {}
 
 

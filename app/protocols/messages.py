@@ -18,7 +18,7 @@ import orjson
 
 from app import protocols
 from app.errors import InvalidRequest, ProxyError, UpstreamClientError, UpstreamError
-from app.protocols.messages_answer import MessageStream, message_from_chat
+from app.protocols.messages_answer import message_events, message_from_chat
 from app.providers.anthropic import estimated_input_tokens
 from app.providers.base import Call, Reply
 
@@ -368,7 +368,7 @@ class MessagesFrontEnd(protocols.FrontEnd):
                      usage_estimated=reply.usage_estimated)
 
     def stream_from_chat(self, call, stream):
-        return MessageStream(call, stream)
+        return protocols.TranslatedStream(message_events(call, stream), stream)
 
     def error_event(self, error: ProxyError) -> bytes:
         return b"event: error\ndata: " + error_body(error) + b"\n\n"

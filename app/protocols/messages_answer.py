@@ -1,5 +1,5 @@
 """Chat Completions answers written as Anthropic Messages: a whole ``chat.completion`` as a
-Message (``message_from_chat``), a Chat stream as Anthropic's SSE events (``MessageStream``),
+Message (``message_from_chat``), a Chat stream as Anthropic's SSE events (``message_events``),
 OpenAI usage in Anthropic's words (``anthropic_usage``). The Messages front end's other half
 (app/protocols/messages.py)."""
 
@@ -176,64 +176,38 @@ class ChatToMessage:
             "usage": anthropic_usage(usage)}) + MESSAGE_STOP
 
 
-class MessageStream:
-    """A Chat provider's stream as Anthropic's events; the usage beside them is the Chat
-    stream's (the upstream's, or its estimate)."""
-
-    def __init__(self, call: Call, chat_stream):
-        self._chat = chat_stream
-        self._events = self._translated(call, chat_stream)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._events)
-
-    def close(self):
-        self._events.close()
-        self._chat.close()
-
-    @property
-    def usage(self):
-        return self._chat.usage
-
-    @property
-    def usage_estimated(self) -> bool:
-        return self._chat.usage_estimated
-
-    @staticmethod
-    def _translated(call, chat):
-        body = call.body
-        message = ChatToMessage(body["model"], body.get("stop_sequences"))
-        try:
-            for event in chat:
-                if event is KEEPALIVE:
-                    yield KEEPALIVE
-                    continue
-                data = (event[6:-2] if event.startswith(b"data: ") and event.endswith(b"\n\n")
-                        else event_field(event.strip(), b"data"))
-                if data == b"[DONE]":
-                    break
-                try:
-                    chunk = orjson.loads(data) if data is not None else None
-                except orjson.JSONDecodeError:
-                    chunk = None
-                if not isinstance(chunk, dict):
-                    raise UpstreamError("the provider sent a chunk that is not a JSON object",
-                                        kind="protocol")
-                out = message.feed(chunk)
-                if not message.started:
-                    out = message.start(chunk, _input_tokens(chat)) + out
-                yield out or KEEPALIVE
+def message_events(call: Call, chat):
+    """A Chat provider's stream (``chat``) as Anthropic's SSE events."""
+    body = call.body
+    message = ChatToMessage(body["model"], body.get("stop_sequences"))
+    try:
+        for event in chat:
+            if event is KEEPALIVE:
+                yield KEEPALIVE
+                continue
+            data = (event[6:-2] if event.startswith(b"data: ") and event.endswith(b"\n\n")
+                    else event_field(event.strip(), b"data"))
+            if data == b"[DONE]":
+                break
+            try:
+                chunk = orjson.loads(data) if data is not None else None
+            except orjson.JSONDecodeError:
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise UpstreamError("the provider sent a chunk that is not a JSON object",
+                                    kind="protocol")
+            out = message.feed(chunk)
             if not message.started:
-                raise UpstreamError("the provider's stream ended before it began",
-                                    kind="truncated")
-            yield message.end(chat.usage)
-        except (KeyError, TypeError, AttributeError):
-            raise UpstreamError("the provider sent a malformed chunk", kind="protocol") from None
-        finally:
-            chat.close()
+                out = message.start(chunk, _input_tokens(chat)) + out
+            yield out or KEEPALIVE
+        if not message.started:
+            raise UpstreamError("the provider's stream ended before it began",
+                                kind="truncated")
+        yield message.end(chat.usage)
+    except (KeyError, TypeError, AttributeError):
+        raise UpstreamError("the provider sent a malformed chunk", kind="protocol") from None
+    finally:
+        chat.close()
 
 
 def _input_tokens(chat) -> int:

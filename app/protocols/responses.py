@@ -20,8 +20,8 @@ import logging
 import orjson
 
 from app.errors import InvalidRequest, ProxyError, UpstreamError
-from app.protocols import FrontEnd
-from app.protocols.responses_answer import (CUSTOM_INPUT, EventWriter, TranslatedStream,
+from app.protocols import FrontEnd, TranslatedStream
+from app.protocols.responses_answer import (CUSTOM_INPUT, EventWriter,
                                             custom_names, failed_event, finished, output_items,
                                             response_object, translated_events)
 from app.providers.base import Call, Reply

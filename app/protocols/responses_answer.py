@@ -295,33 +295,6 @@ def translated_events(writer: EventWriter, stream):
         stream.close()
 
 
-class TranslatedStream:
-    """The Responses events of a chat ``ProviderStream``, whose usage they carry beside them
-    (OpenAI-chat-shaped, as the gateway reads it)."""
-
-    def __init__(self, events, chat_stream):
-        self._events = events
-        self._chat = chat_stream
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._events)
-
-    def close(self):
-        self._events.close()
-        self._chat.close()  # an unstarted generator skips its finally
-
-    @property
-    def usage(self):
-        return self._chat.usage
-
-    @property
-    def usage_estimated(self) -> bool:
-        return self._chat.usage_estimated
-
-
 def failed_event(error: ProxyError) -> bytes:
     """``response.failed``, naming the response that failed and continuing its numbering
     when the stream noted them (``mark_failed``)."""

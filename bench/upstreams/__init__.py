@@ -18,6 +18,23 @@ CHAT_COMPLETION = json.dumps({
         "logprobs": None, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}},
     separators=(",", ":"))
+# The same answer as an Anthropic Message (nginx's /v1/messages) and as an OpenAI Response
+# (nginx's /v1/responses): what the front ends' pass-through benchmarks relay.
+ANTHROPIC_MESSAGE = json.dumps({
+    "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-model",
+    "content": [{"type": "text", "text": "Hello from the bench upstream."}],
+    "stop_reason": "end_turn", "stop_sequence": None,
+    "usage": {"input_tokens": 1, "output_tokens": 6}}, separators=(",", ":"))
+RESPONSE = json.dumps({
+    "id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "completed",
+    "error": None, "incomplete_details": None, "model": "bench-model", "output": [{
+        "id": "msg_bench", "type": "message", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hello from the bench upstream.",
+                     "annotations": []}]}],
+    "store": False, "usage": {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens": 6,
+                              "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": 7}}, separators=(",", ":"))
 
 
 def listener(port: int, backlog: int = 1024) -> socket.socket:
