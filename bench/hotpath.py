@@ -78,15 +78,21 @@ STREAMS = {
     "upstream: messages, passed through (anthropic provider)": ("messages", "anthropic"),
     "upstream: responses, passed through (responses: true)": ("responses", "responses"),
 }
-# label: (protocol, provider at the SSE upstream): whole answers, no stream
+# label: (protocol, provider at the SSE upstream): whole answers, no stream; "production":
+# the client's key checked (Bearer for chat, x-api-key as Claude Code sends it for messages)
 WHOLE = {
     "chat, passed through": ("chat", "openai"),
     "messages, passed through (anthropic provider)": ("messages", "anthropic"),
     "messages, translated to chat": ("messages", "openai"),
     "responses, passed through (responses: true)": ("responses", "responses"),
     "responses, translated to chat": ("responses", "openai"),
+    "production: chat, passed through": ("chat", "openai"),
+    "production: messages, passed through (anthropic provider)": ("messages", "anthropic"),
 }
+WHOLE_ROUNDS = 20  # whole answers are cheap: more rounds, a steadier median
 STREAM_CONFIG = {"cache": {"enabled": False}, "routing": {"model_refresh_interval": 0}}
+KEY_CHECKED = {"auth": {"api_keys_required": True, "requests_per_minute": 10**9,
+                        "env_keys": f"b:{KEY}"}}
 
 
 def add_arguments(p) -> None:
@@ -190,8 +196,9 @@ def _providers(kind, upstream, many):
 def measure_streams(args, procs, tmp):
     """Per stream path: us per stream of one chunk and of many, and per event between them;
     per front-end path (``WHOLE``): us per whole answer. Every path's app is built first, then
-    ``STREAM_ROUNDS`` rounds run each path in turn (so a slower spell of this shared machine
-    hits them all alike): the best round gives the figures, the rounds' own the spread."""
+    ``STREAM_ROUNDS`` rounds run each stream path in turn (so a slower spell of this shared
+    machine hits them all alike), then ``WHOLE_ROUNDS`` rounds the whole answers: the best round
+    gives the figures, the rounds' own the spread."""
     upstream, _ = services.start_upstream(procs, tmp, "sse", lifetime=3600)
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(services.PROXY_CORE)})  # the upstream has the other core
@@ -206,7 +213,12 @@ def measure_streams(args, procs, tmp):
                 models = ("one", "many") if kind == "mock" else ("sse-1-0",
                                                                  f"sse-{args.chunks}-0")
                 bodies = [orjson.dumps({**body(m), "stream": stream}) for m in models]
-                app = build(STREAM_CONFIG, _providers(kind, upstream, 100_000))
+                production = label.startswith("production:")
+                if production:
+                    headers = {**headers, **({"x-api-key": KEY} if protocol == "messages" else
+                                             {"Authorization": f"Bearer {KEY}"})}
+                app = build({**STREAM_CONFIG, **(KEY_CHECKED if production else {})},
+                            _providers(kind, upstream, 100_000))
                 runs = [(lambda b=b, app=app, path=path, h=headers:
                          call(app, path=path, body=b, headers=h))
                         for b in (bodies if stream else bodies[:1])]
@@ -216,16 +228,11 @@ def measure_streams(args, procs, tmp):
                         run()
                 cases.append((label, protocol, kind, app, runs, events, [[] for _ in runs],
                               [[] for _ in runs]))
-            for round_ in range(STREAM_ROUNDS):
-                machine.wait_quiet(args.wait_quiet)
-                report.progress(f"hotpath streams: round {round_ + 1} of {STREAM_ROUNDS}")
-                for *_, runs, _, times, cpu in cases:
-                    for run, seen, used in zip(runs, times, cpu):
-                        started, cpu_started = time.perf_counter(), time.thread_time()
-                        for _ in range(args.streams):
-                            run()
-                        seen.append((time.perf_counter() - started) / args.streams * 1e6)
-                        used.append((time.thread_time() - cpu_started) / args.streams * 1e6)
+            for answers, rounds in ((False, STREAM_ROUNDS), (True, WHOLE_ROUNDS)):
+                for round_ in range(rounds):
+                    _round(args, [c for c in cases if (len(c[4]) == 1) == answers],
+                           f"{'whole answers' if answers else 'streams'}: round {round_ + 1} of "
+                           f"{rounds}")
             for label, *_, runs, _, _, _ in cases:
                 if label == args.profile_stream:
                     profile_text = _profile(runs[-1], args.streams)
@@ -253,6 +260,19 @@ def measure_streams(args, procs, tmp):
     return streams, whole, profile_text
 
 
+def _round(args, cases, what) -> None:
+    """One round: each case's runs ``--streams`` times, its us (and CPU us) per run noted."""
+    machine.wait_quiet(args.wait_quiet)
+    report.progress(f"hotpath {what}")
+    for *_, runs, _, times, cpu in cases:
+        for run, seen, used in zip(runs, times, cpu):
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            for _ in range(args.streams):
+                run()
+            seen.append((time.perf_counter() - started) / args.streams * 1e6)
+            used.append((time.thread_time() - cpu_started) / args.streams * 1e6)
+
+
 def _profile(run, n) -> str:
     profile = cProfile.Profile()
     profile.enable()
@@ -267,15 +287,20 @@ def _profile(run, n) -> str:
 def whole_targets(whole) -> list[dict]:
     """The in-process side of ``run``'s target: a messages pass-through costs no more than a
     chat pass-through (information: ``run`` measures the target through the server)."""
-    chat = next((r for r in whole if (r["protocol"], r["provider"]) == ("chat", "openai")), None)
-    native = next((r for r in whole if r["provider"] == "anthropic"), None)
-    if chat is None or native is None:
-        return []
-    added = native["cpu_us"] - chat["cpu_us"]
-    return [report.target("upstream: messages pass-through vs chat pass-through, whole answers, "
-                          "CPU us per request (medians)",
-                          f"{added:+.1f} us ({native['cpu_us']:.1f} - {chat['cpu_us']:.1f})",
-                          "<= 0 us", added <= 0, info=True)]
+    out = []
+    for prefix in ("", "production: "):
+        chat = next((r for r in whole if r["path"] == prefix + "chat, passed through"), None)
+        native = next((r for r in whole if r["path"].startswith(prefix + "messages, passed")),
+                      None)
+        if chat is None or native is None:
+            continue
+        added = native["cpu_us"] - chat["cpu_us"]
+        out.append(report.target(
+            f"{prefix}messages pass-through vs chat pass-through, whole answers, CPU us per "
+            "request (medians)",
+            f"{added:+.1f} us ({native['cpu_us']:.1f} - {chat['cpu_us']:.1f})", "<= 0 us",
+            added <= 0, info=True))
+    return out
 
 
 def stream_targets(streams) -> list[dict]:
@@ -324,9 +349,10 @@ def render(rep) -> list[str]:
               *(f"| {r['stream']} | {r['events'][0]} / {r['events'][1]} | {r['us'][0]:,.1f} / "
                 f"{r['us'][1]:,.1f} | {r['us_per_event']:.1f} ({r['us_per_event_rounds'][0]:.1f}"
                 f" - {r['us_per_event_rounds'][1]:.1f}) |" for r in rep["streams"])]
-    lines += ["", "Whole answers from the upstream (no stream), the same rounds: us per request,"
-              " the best round, and this thread's CPU us per request (without the waits for "
-              "the upstream), the median round (the rounds' lowest - highest).", "",
+    lines += ["", f"Whole answers from the upstream (no stream), {WHOLE_ROUNDS} rounds of "
+              f"{st['streams']} per path, the paths in turn: us per request, the best round, and "
+              "this thread's CPU us per request (without the waits for the upstream), the median"
+              " round (the rounds' lowest - highest); production: the client's key checked.", "",
               "| front end (in-process, one thread) | us per request | CPU us per request, "
               "median |", "| --- | ---: | ---: |",
               *(f"| {r['path']} | {r['us']:,.1f} ({r['us_rounds'][0]:,.1f} - "

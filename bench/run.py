@@ -306,7 +306,8 @@ def _medians(rows) -> list[dict]:
     for r in rows:
         out.setdefault((r["scenario"], r["connections"]), []).append(r)
     return [{"scenario": name, "connections": c, "rounds": len(runs),
-             **{k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")},
+             **{k: round(statistics.median(r[k] for r in runs), 3)
+                for k in ("rps", "p50_ms", "p99_ms")},
              **{f"{k}_range": [min(r[k] for r in runs), max(r[k] for r in runs)]
                 for k in ("rps", "p50_ms", "p99_ms")}}
             for (name, c), runs in out.items()]
