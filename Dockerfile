@@ -1,8 +1,14 @@
 # The proxy as a container: waitress from the settings (`python wsgi.py`), production profile.
 # Build: docker build -t llm-proxy .
-# Run:   docker run --stop-timeout 30 -p 8000:8000 -e PROXY_API_KEYS -e OPENAI_API_KEY llm-proxy
+# Run:   docker run --stop-timeout 30 -p 8000:8000 -v llm-proxy-data:/app/data \
+#            -e PROXY_API_KEYS -e ADMIN_API_KEY -e OPENAI_API_KEY llm-proxy
 # Production requires client keys: export PROXY_API_KEYS="id:key,id2:key2" first (a key from
-# `python -m app.auth new-key`), or the proxy refuses to start (exit status 2).
+# `python -m app.auth new-key`), or the proxy refuses to start (exit status 2). ADMIN_API_KEY
+# opens /admin/* (keys made over HTTP, spend, the request log) and /debug/*; unset: both off.
+# Keys, spend and the request log are in SQLite at /app/data/llm-proxy.db: the named volume
+# keeps them across containers (without -v, Docker makes a new anonymous volume each run). With
+# -e DATABASE_URL=postgresql://user:pass@host:5432/db they are in PostgreSQL instead, which
+# several containers can share; -e DATABASE_ENABLED=false turns the database off.
 FROM python:3.11-slim
 
 # ENVIRONMENT=production applies settings.PRODUCTION_PROFILE: host 0.0.0.0, 256 threads,
@@ -17,15 +23,26 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # A system user with no home and no shell; the code stays root-owned, so it cannot rewrite it.
+# The one folder it may write: data/, where the default SQLite file (DATABASE_PATH,
+# data/llm-proxy.db from the working directory) goes; without it the database could not be
+# created in root-owned /app. .dockerignore keeps a local data/ out of the image.
 RUN groupadd --system --gid 10001 llmproxy \
     && useradd --system --uid 10001 --gid llmproxy --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin llmproxy
+       --shell /usr/sbin/nologin llmproxy \
+    && mkdir /app/data \
+    && chown 10001:10001 /app/data
 
 # Dependencies in their own layer: rebuilt only when requirements.txt changes.
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY . .
+
+# The database outlives the container: Docker mounts a volume here, a new one starting as a
+# copy of this folder (so owned by 10001). A bind mount (-v "$PWD/data:/app/data") must be
+# writable by uid 10001. Several replicas must share PostgreSQL instead: a file per container
+# would split keys and spend (deploy/kubernetes/README.md).
+VOLUME /app/data
 
 # Numeric, so Kubernetes runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

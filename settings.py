@@ -483,6 +483,56 @@ class RedisSettings:
 
 
 @dataclass
+class DatabaseSettings:
+    """Keys, spend and the request log (app/store/): SQLite at ``path`` unless ``url`` names a
+    PostgreSQL database. Never on the request path: reads come from an in-process copy
+    refreshed every ``refresh_interval`` seconds (and on change), writes go through a queue of
+    ``queue_size`` rows to a background writer that inserts up to ``batch_size`` at a time."""
+    enabled: bool = True  # DATABASE_ENABLED; false: no admin keys API, spend or request log
+    url: str = field(default="", repr=False)  # DATABASE_URL: postgresql://... (may hold a password)
+    path: str = "data/llm-proxy.db"  # DATABASE_PATH: the SQLite file when url is empty
+    migrate: bool = True  # bring the schema to the latest version at start-up (Alembic)
+    refresh_interval: float = 5.0  # seconds between reloads of keys and spend from the database
+    queue_size: int = 10000  # rows waiting for the writer; more are dropped, counted and logged
+    batch_size: int = 500  # rows per insert
+    flush_interval: float = 0.2  # seconds the writer lets a batch fill before it writes
+    request_log: bool = True  # one row per proxied request
+    log_bodies: bool = False  # keep request bodies (and whole answers) in the request log
+    log_body_max_kb: int = 16  # each kept body truncated to this size
+    redact_patterns: list[str] = field(default_factory=list)  # regexes blanked in kept bodies
+    retention_days: float = 30.0  # request log rows older than this are deleted; 0: kept forever
+    rotation_grace: float = 86400.0  # seconds a rotated key's old secret still works
+
+    @property
+    def target(self) -> str:
+        """The SQLAlchemy URL: PostgreSQL through psycopg 3, or the SQLite file."""
+        if not self.url:
+            return f"sqlite:///{self.path}"
+        scheme, sep, rest = self.url.partition("://")
+        return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else self.url
+
+    def validate(self, path):
+        if self.url:
+            _check(self.url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://",
+                                        "sqlite:///")),
+                   f"{path}.url", "must be a postgresql:// URL (or sqlite:///FILE)")
+        else:
+            _check(self.path.strip() != "", f"{path}.path", "must name the SQLite file")
+        for name in ("refresh_interval", "flush_interval"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        for name in ("queue_size", "batch_size", "log_body_max_kb"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", "must be at least 1")
+        _check(self.retention_days >= 0, f"{path}.retention_days", "must be 0 (forever) or more")
+        _check(self.rotation_grace >= 0, f"{path}.rotation_grace", "must be 0 or more seconds")
+        for i, pattern in enumerate(self.redact_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SettingsError(f"not a regular expression: {e}",
+                                    f"{path}.redact_patterns[{i}]") from None
+
+
+@dataclass
 class RoutingSettings:
     strategy: str = "weighted"  # among equal priority: weighted (random by weight) or least_in_flight
     max_in_flight: int = 0  # requests in the proxy at once; 0: threads less a few kept free
@@ -573,6 +623,7 @@ class Settings:
     memory_manager: MemorySettings = field(default_factory=MemorySettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
     providers: list[ProviderSettings] = field(default_factory=list)
@@ -600,6 +651,7 @@ class Settings:
         self.memory_manager.validate("memory_manager")
         self.auth.validate("auth")
         self.redis.validate("redis")
+        self.database.validate("database")
         self.observability.validate("observability")
         self.pricing.validate("pricing")
         names = set()
@@ -680,6 +732,14 @@ ENV_VARS = {
     "WORKERS": ("server", "workers"),
     "WORKER_INDEX": ("server", "worker_index"),  # set by the supervisor for each worker
     "REDIS_URL": ("redis", "url"),
+    "DATABASE_ENABLED": ("database", "enabled"),
+    "DATABASE_URL": ("database", "url"),
+    "DATABASE_PATH": ("database", "path"),
+    "DATABASE_MIGRATE": ("database", "migrate"),
+    "DATABASE_REFRESH_INTERVAL": ("database", "refresh_interval"),
+    "REQUEST_LOG_ENABLED": ("database", "request_log"),
+    "REQUEST_LOG_BODIES": ("database", "log_bodies"),
+    "REQUEST_LOG_RETENTION_DAYS": ("database", "retention_days"),
 }
 
 # With no config the mock serves every model name ("*"), so a fresh run works with any

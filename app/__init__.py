@@ -26,6 +26,8 @@ from app.providers import build_provider
 from app.providers.discovery import ModelDiscovery
 from app.runtime.memory import MemoryManager
 from app.state import SharedState
+from app.store import Store
+from app.store.spend import SpendLedger
 from app.upstream.secrets import Secrets
 from settings import Settings, SettingsError, load_settings
 
@@ -35,9 +37,10 @@ log = logging.getLogger("llm_proxy")
 class LLMProxy:
     """The components one app owns, reachable as ``app.extensions["llm_proxy"]``."""
 
-    def __init__(self, settings: Settings, *, clock=time.monotonic):
+    def __init__(self, settings: Settings, *, clock=time.monotonic, wall=time.time):
         self.settings = settings
-        self.clock = clock
+        self.clock = clock  # intervals and timeouts
+        self.wall = wall  # dates: budgets' days and months, key expiry, the request log
         self.started_at = time.time()
         self.metrics = NullMetrics()
         o = settings.observability
@@ -74,12 +77,17 @@ class LLMProxy:
             settings.condense, self.caches.summary, self.gateway, coalescer=Coalescer(clock=clock))
         # this process's memory: never the shared caches
         self.memory = MemoryManager(local_caches, settings.memory_manager, clock=clock)
-        self.keys = KeyStore.from_keys(settings.auth.client_keys())
+        # Keys made through the admin API, spend and the request log: beside the path
+        self.store = (Store(settings, secrets=self.secrets, router=self.router, clock=clock,
+                            wall=wall) if settings.database.enabled else None)
+        self.keys = KeyStore.from_keys(settings.auth.client_keys(),
+                                       self.store.directory if self.store else None)
         self.limiter = self._limiter(settings, clock)
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline)
         self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway,
-                                 clock=clock)
+                                 prices=self.prices, clock=clock,
+                                 budgets=self.store.ledger if self.store else SpendLedger())
         # The models behind the providers' patterns, asked of their upstreams in the background.
         interval = settings.routing.model_refresh_interval  # 0: never asked
         self.discovery = ModelDiscovery(self.providers, self.router, interval=interval)
@@ -100,17 +108,22 @@ class LLMProxy:
     def attach_metrics(self, metrics):
         """Metrics need the Flask app; they are attached once it exists."""
         self.metrics = self.gateway.metrics = metrics
+        if self.store is not None:
+            self.store.ledger.metrics = metrics
 
     def close(self):
         self.discovery.close()
         self.memory.stop()
+        if self.store is not None:
+            self.store.close()
         if self.shared:
             self.shared.close()
         for adapter in self.providers:
             adapter.close()
 
 
-def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Flask:
+def create_app(settings: Settings | None = None, *, clock=time.monotonic,
+               wall=time.time) -> Flask:
     """The Flask app; settings come from the environment and config file when not given."""
     serving = settings is None  # built from the environment: a real server is starting
     if serving:
@@ -119,7 +132,7 @@ def create_app(settings: Settings | None = None, *, clock=time.monotonic) -> Fla
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.server.max_request_body_mb * 1024 * 1024)
     app.json.sort_keys = False
-    llm_proxy = app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock)
+    llm_proxy = app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock, wall=wall)
     api.register(app)
     if settings.observability.metrics_enabled:
         llm_proxy.attach_metrics(ProxyMetrics(app, llm_proxy))

@@ -15,10 +15,14 @@ import hmac
 import secrets
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from app.errors import AuthError, ModelForbidden
 from settings import ANONYMOUS, ClientKeys, KeyRecord, check_key_id, hash_key
+
+if TYPE_CHECKING:  # types only
+    from app.store.keys import KeyDirectory
+    from app.store.spend import Budget
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -32,7 +36,8 @@ class Tenant:
     "none of its own": the proxy's default share of its request slots applies
     (``auth.tenant_in_flight_share``, see ``RateLimiter``), so one tenant cannot take every
     slot. The configured limits are the deployment's; a worker that keeps its own counts
-    enforces its share of them (``WorkerShare``).
+    enforces its share of them (``WorkerShare``). ``budget``: what a key made through the admin
+    API may spend (app/store/spend.py); None: no budget.
     """
 
     id: str
@@ -41,6 +46,7 @@ class Tenant:
     tokens_per_minute: int | None = None
     max_in_flight: int | None = None
     anonymous: bool = False
+    budget: Budget | None = None
 
     @classmethod
     def of(cls, record: KeyRecord, *, anonymous: bool = False) -> Tenant:
@@ -73,27 +79,32 @@ class KeyStore:
     anonymous and any key sent is ignored. This keeps today's behaviour for deployments that
     configure no keys, where OpenAI SDK clients always send some key (often a provider's).
 
-    Comparison. The presented key is hashed with SHA-256 and the digest is compared with
-    ``hmac.compare_digest`` against every configured digest, without stopping at a match, so
-    the time taken does not depend on which key matched or how much of a digest did. Key
-    counts are small (tens), so the linear scan costs microseconds. (A dict lookup by digest
-    would also be safe in practice, since timing can at most reveal something about the digest
-    of a secret the attacker chose, but the scan needs no argument.)
+    Keys come from the configuration (file and ``PROXY_API_KEYS``) and, with the database on,
+    from ``directory``: the in-process copy of the keys made through the admin API
+    (app/store/keys.py), reloaded in the background, so a lookup never waits on the database.
+
+    Comparison. The presented key is hashed with SHA-256 and the digest looked up in a dict.
+    Timing can at most reveal something about the digest of a secret the attacker chose, which
+    tells nothing about any configured key; and there can be many keys now, which a constant-
+    time scan would make every request pay for.
     """
 
     def __init__(self, keys: Iterable[KeyRecord], *, required: bool,
-                 anonymous: Tenant | None = None):
+                 anonymous: Tenant | None = None, directory: KeyDirectory | None = None):
         self.records = list(keys)
         self.required = required
         # without keys the anonymous tenant is the only one: no default in-flight share
         self.anonymous = anonymous or Tenant(ANONYMOUS, max_in_flight=None if self.records else 0,
                                              anonymous=True)
-        self._entries = [(bytes.fromhex(r.sha256), Tenant.of(r)) for r in self.records]
+        self._entries = {bytes.fromhex(r.sha256): Tenant.of(r) for r in self.records}
+        self.directory = directory
 
     @property
     def enabled(self) -> bool:
-        """Whether keys are checked at all (some are configured, or they are required)."""
-        return bool(self._entries) or self.required
+        """Whether keys are checked at all (some are configured, or were ever made through the
+        admin API, or they are required)."""
+        return bool(self._entries) or self.required or (
+            self.directory is not None and self.directory.made)
 
     @property
     def ids(self) -> list[str]:
@@ -110,19 +121,19 @@ class KeyStore:
                                 "'X-API-Key: <key>'.", code="missing_api_key")
             return self.anonymous
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for known, tenant in self._entries:
-            if hmac.compare_digest(digest, known) and found is None:
-                found = tenant
+        found = self._entries.get(digest)
+        if found is None and self.directory is not None:
+            found = self.directory.lookup(digest)
         if found is None:
             raise AuthError("The API key is not valid.")
         return found
 
     @classmethod
-    def from_keys(cls, keys: ClientKeys) -> KeyStore:
-        """The store of the configured keys (``AuthSettings.client_keys()``)."""
+    def from_keys(cls, keys: ClientKeys, directory: KeyDirectory | None = None) -> KeyStore:
+        """The store of the configured keys (``AuthSettings.client_keys()``) and, with the
+        database on, of the keys made through the admin API."""
         return cls(keys.records, required=keys.required,
-                   anonymous=Tenant.of(keys.anonymous, anonymous=True))
+                   anonymous=Tenant.of(keys.anonymous, anonymous=True), directory=directory)
 
 
 def new_key() -> str:

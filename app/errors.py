@@ -64,6 +64,26 @@ class RateLimited(ProxyError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
+class BudgetExceeded(ProxyError):
+    """The key has spent its budget for the period (day, month or in total)."""
+    status, type, code = 429, "insufficient_quota", "budget_exceeded"
+
+
+class Conflict(ProxyError):
+    """The change contradicts what is stored: a key id taken, a key that is read-only."""
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class StoreDisabled(ProxyError):
+    """The database is turned off (``database.enabled``), so keys, spend and the log are too."""
+    status, type, code = 404, "invalid_request_error", "database_disabled"
+
+
+class StoreUnavailable(ProxyError):
+    """The database did not answer an admin call (the proxied requests never wait on it)."""
+    status, type, code = 503, "server_error", "database_unavailable"
+
+
 class AdminRefused(ProxyError):
     """The admin key is missing or wrong."""
     status, type, code = 401, "authentication_error", "invalid_admin_key"

@@ -207,6 +207,13 @@ class PriceTable:
             cost.usd = 0.0
         return cost
 
+    def estimate(self, model: str, tokens: int) -> float:
+        """USD a request for ``model`` may cost at most, roughly: ``tokens`` (its reservation:
+        prompt estimate and most it may answer) at the dearer of its input and output rates;
+        0 for a model without a price."""
+        price = self._price_served(model, "")
+        return 0.0 if price is None else tokens * max(price.input, price.output) / MILLION
+
     def _price_served(self, model: str, provider: str) -> Price | None:
         """By the name the provider serves (its alias resolved; without a provider, the
         first one's), then by the name asked."""

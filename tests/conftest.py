@@ -13,6 +13,7 @@ import redis
 from app import create_app
 from app.runtime.server import build_server
 from settings import build_settings
+from tests import databases
 from tests.upstream import FakeUpstream
 
 
@@ -34,6 +35,13 @@ def upstream_b():
         yield fake
 
 
+def settings_of(data: dict, environ=None):
+    """``build_settings`` for tests that build an app themselves: the database off unless
+    ``data`` turns it on (by default it would write data/llm-proxy.db where the test runs)."""
+    database = {"enabled": False, **data.get("database", {})}
+    return build_settings({**data, "database": database}, environ)
+
+
 @pytest.fixture
 def make_app():
     """Build an app from provider entries and setting sections; closed after the test."""
@@ -47,6 +55,9 @@ def make_app():
         http.setdefault("connect_timeout", 2.0)
         # Tests of routing repeat identical requests: the cache is on only where a test says.
         data.setdefault("cache", {}).setdefault("enabled", False)
+        # The database is on by default (data/llm-proxy.db in the working directory): off here,
+        # so no test writes one by accident; the store's tests pass a `database` section.
+        data.setdefault("database", {}).setdefault("enabled", False)
         options = {"clock": clock} if clock else {}
         app = create_app(build_settings(data), **options)
         app.testing = True
@@ -141,3 +152,25 @@ def prefix(redis_url):
     client.close()
 
 
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The test PostgreSQL server: skipped when unreachable, except in CI (CI=true), where
+    that fails."""
+    problem = databases.server_problem(databases.SERVER_URL)
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {databases.SERVER_URL} is unreachable in CI: {problem}")
+        pytest.skip(f"PostgreSQL at {databases.SERVER_URL} is unreachable ({problem}); "
+                    "set TEST_POSTGRES_URL")
+    return databases.SERVER_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """The ``database`` settings section of a fresh, empty database of each kind: a SQLite
+    file in the test's directory, or a PostgreSQL database dropped after the test."""
+    if request.param == "sqlite":
+        yield databases.sqlite_section(tmp_path / "proxy.db")
+        return
+    with databases.fresh_postgres(request.getfixturevalue("postgres_url")) as section:
+        yield section

@@ -267,7 +267,7 @@ def proxy(request, make_app, tmp_path, monkeypatch):
     kind = request.param
     if kind == "mock":
         monkeypatch.chdir(tmp_path)  # no config.yaml here
-        app = create_app(load_settings({}))
+        app = create_app(load_settings({"DATABASE_ENABLED": "false"}))
         try:
             with live_server(app) as url:
                 yield Proxy(url, kind, None, None, keys=False)

@@ -22,12 +22,15 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import psycopg
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from settings import ENV_VARS, PRODUCTION_PROFILE, build_settings, load_settings
+from settings import ENV_VARS, PRODUCTION_PROFILE, DatabaseSettings, load_settings
+from tests.conftest import settings_of
+from tests.databases import database_url, fresh_postgres, sqlite_environ
 from tests.processes import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +40,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HOST_KEYS = "ops:test-client-key-0123456789"  # what an operator passes as PROXY_API_KEYS
 HOST_KEY = HOST_KEYS.split(":", 1)[1]  # a client key: production's /metrics wants one
 SCRAPE_KEY = "test-scrape-key-0123456789"  # METRICS_SCRAPE_KEY, Prometheus's in compose
+ADMIN_KEY = "test-admin-key-0123456789"  # ADMIN_API_KEY: /admin/* and /debug/*
 # Read by the proxy besides settings.ENV_VARS: the config path and the default providers' keys.
 OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -154,15 +158,28 @@ def build_context(target: Path) -> Path:
     return target
 
 
-def start_image_cmd(context: Path, log_path: Path, container_env: dict | None = None):
+def image_volumes() -> list[str]:
+    """The Dockerfile's VOLUME paths, in either of its forms."""
+    paths = []
+    for args in instruction("VOLUME"):
+        paths += json.loads(args) if args.startswith("[") else args.split()
+    return paths
+
+
+def start_image_cmd(context: Path, log_path: Path, container_env: dict | None = None,
+                    database: dict | None = None):
     """Run the Dockerfile's CMD as the container would: its ENV, overridden by
     ``container_env`` (what ``docker run -e`` or compose sets; by default the client keys an
-    operator passes, which production requires), cwd = the copied context."""
+    operator passes, which production requires), cwd = the copied context. The database:
+    the variables in ``database``, by default a SQLite file in ``log_path``'s directory."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ENV_VARS and k not in OTHER_PROXY_VARS}
     env.update(image_env())
     env.update({"PROXY_API_KEYS": HOST_KEYS} if container_env is None else container_env)
+    # The database file beside the log stands in for the container's volume: never a path of
+    # the image's on this host.
+    env.update(sqlite_environ(log_path.parent) if database is None else database)
     # Where it listens stands in for the container's own network: the image binds
     # 0.0.0.0:8000 in its namespace (production profile); here a free loopback port.
     env.update(PORT=str(port), HOST="127.0.0.1")
@@ -258,7 +275,8 @@ def test_the_build_context_holds_the_app_and_leaves_local_state_out(context):
     patterns = dockerignore_patterns()
     for kept_out in (".venv/bin/python", ".git/HEAD", "app/__pycache__/x.pyc", ".env",
                      "config.yaml", "config/config.yaml", "tests/conftest.py",
-                     "bench/results/latest.json", ".pytest_cache/v", ".hypothesis/x"):
+                     "bench/results/latest.json", ".pytest_cache/v", ".hypothesis/x",
+                     "data/llm-proxy.db", "data/llm-proxy.db-wal"):
         assert ignored(kept_out, patterns), kept_out
     assert not any((context / p).exists() for p in (".venv", ".git", "tests", "bench"))
 
@@ -287,6 +305,92 @@ def test_the_images_stop_signal_ends_the_server_at_once(context, tmp_path):
     took = stop(server.process, getattr(signal, name))
     assert server.process.returncode == 0, server.log.read_text()
     assert took < 3
+
+
+def test_the_image_gives_its_user_the_database_folder_as_a_volume():
+    """The default SQLite file (DATABASE_PATH, from the working directory) lies in a folder
+    the image's user owns, declared a VOLUME: the rest of /app is root's, so without it the
+    database could not be made."""
+    (workdir,) = instruction("WORKDIR")
+    (volume,) = image_volumes()
+    assert (Path(workdir) / DatabaseSettings().path).parent == Path(volume)
+    (user,) = instruction("USER")
+    steps = dockerfile()
+    made = [i for i, (k, args) in enumerate(steps) if k == "RUN"
+            and any(c.split() == ["mkdir", volume] or c.split() == ["mkdir", "-p", volume]
+                    for c in args.split("&&"))
+            and any(c.split() == ["chown", user, volume] for c in args.split("&&"))]
+    assert made, f"no RUN makes {volume} and gives it to {user}"
+    where = {k: i for i, (k, _) in enumerate(steps)}
+    # As root, and before VOLUME: a build discards what later steps do to a volume's path.
+    assert made[0] < where["USER"] and made[0] < where["VOLUME"]
+    # A local database (`make run`) stays out of the image: keys' hashes, spend, requests.
+    assert ignored(str(Path(volume).relative_to(workdir) / "llm-proxy.db"),
+                   dockerignore_patterns())
+
+
+def chat_status(url: str, key: str) -> int:
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(CHAT).encode(),
+                                     method="POST", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_images_cmd_keeps_its_database_in_the_volume_across_containers(tmp_path):
+    """``docker run`` with no database setting: SQLite in the volume's folder, and a key made
+    in the container (``docker exec ... python -m app.keys create``) still works from a new
+    container on the same volume."""
+    context = build_context(tmp_path / "context")  # this copy's data/ is the volume
+    (workdir,) = instruction("WORKDIR")
+    (volume,) = image_volumes()
+    in_volume = context / Path(volume).relative_to(workdir)
+    no_setting = {"DATABASE_URL": ""}  # DATABASE_PATH is unset: the image's default
+    server = start_image_cmd(context, tmp_path / "first.log", database=no_setting)
+    try:
+        _, body = get(server.url + "/health")
+        assert json.loads(body)["checks"]["database"]["status"] == "healthy", body
+        made = subprocess.run([sys.executable, "-m", "app.keys", "create", "--id", "team-a"],
+                              cwd=context, env=server.env, capture_output=True, text=True,
+                              timeout=WAIT)
+        assert made.returncode == 0, made.stderr
+        secret = json.loads(made.stdout)["key"]
+    finally:
+        stop(server.process)
+    assert (in_volume / "llm-proxy.db").is_file()
+    assert [p.relative_to(context) for p in context.rglob("*.db")] == [
+        Path(volume).relative_to(workdir) / "llm-proxy.db"]
+
+    server = start_image_cmd(context, tmp_path / "second.log", database=no_setting)
+    try:
+        assert chat_status(server.url, secret) == 200
+        assert chat_status(server.url, secret[:-1] + "x") == 401  # it is that key that works
+    finally:
+        stop(server.process, signal.SIGKILL)
+
+
+def test_the_admin_key_makes_a_key_over_http_on_the_images_server(tmp_path):
+    """What the Dockerfile and compose comments promise: ADMIN_API_KEY opens /admin/*, here
+    on the image's own server (waitress, production profile), not Flask's test client."""
+    environment = {"PROXY_API_KEYS": HOST_KEYS, "ADMIN_API_KEY": ADMIN_KEY}
+    server = start_image_cmd(build_context(tmp_path / "context"), tmp_path / "proxy.log",
+                             environment)
+    try:
+        request = urllib.request.Request(
+            server.url + "/admin/keys", data=json.dumps({"id": "team-a"}).encode(),
+            method="POST", headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                    "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                status, secret = response.status, json.loads(response.read())["key"]
+        except urllib.error.HTTPError as e:
+            status, secret = e.code, None
+        assert status == 201, server.log.read_text()
+        wait_for(lambda: chat_status(server.url, secret) == 200, "the new key to work")
+    finally:
+        stop(server.process, signal.SIGKILL)
 
 
 # --- docker-compose.yml --------------------------------------------------------------------
@@ -353,10 +457,11 @@ def service_environment(service: str, host_env: dict) -> dict[str, str]:
 
 def test_compose_defines_the_stack():
     services = compose()["services"]
-    assert set(services) == {"llm-proxy", "redis", "prometheus", "grafana"}
+    assert set(services) == {"llm-proxy", "redis", "postgres", "prometheus", "grafana"}
     proxy = services["llm-proxy"]
     assert proxy["build"] == "." and "8000:8000" in proxy["ports"]
     assert services["redis"]["profiles"] == ["redis"]
+    assert services["postgres"]["profiles"] == ["postgres"]
     assert all("profiles" not in services[s] for s in ("llm-proxy", "prometheus", "grafana"))
 
 
@@ -366,7 +471,7 @@ def test_compose_sets_only_variables_the_proxy_reads():
     unknown = set(environment) - set(ENV_VARS) - OTHER_PROXY_VARS
     assert not unknown, f"the proxy does not read {sorted(unknown)}"
     assert environment["ENVIRONMENT"] == "production"
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY"):
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_API_KEY", "DATABASE_URL"):
         assert environment[key] == f"${{{key}:-}}", f"{key} must come from the host"
     # Production refuses to start without client keys: compose must ask for them, not let
     # the container crash-loop under restart: unless-stopped. Prometheus's key is one of them.
@@ -387,6 +492,100 @@ def test_the_proxy_starts_with_the_compose_environment(tmp_path, monkeypatch):
     assert settings.memory_manager.memory_threshold_mb > settings.cache.max_memory_mb
     assert [p.name for p in settings.providers] == ["mock"]
     assert settings.admin_api_key == ""
+    # DATABASE_URL unset on the host: SQLite, in the image's data folder (mounted below).
+    assert settings.database.enabled and settings.database.url == ""
+    assert settings.database.target == "sqlite:///data/llm-proxy.db"
+
+
+def test_compose_keeps_the_proxys_database_in_a_named_volume():
+    """The image's VOLUME is a named volume, which Docker fills from the image's folder (so the
+    proxy's user owns it, as it would not own a bind-mounted host folder), and it outlives
+    `docker compose down`."""
+    (volume,) = image_volumes()
+    sources = {}
+    for mount in compose()["services"]["llm-proxy"]["volumes"]:
+        source, target = mount.split(":")[:2]
+        sources[target] = source
+    assert sources.get(volume) in compose()["volumes"], f"{volume}: {sources.get(volume)}"
+
+
+def test_compose_offers_postgres_under_its_profile_without_asking_everyone_for_a_password():
+    postgres = compose()["services"]["postgres"]
+    assert re.fullmatch(r"postgres:1[56](\.\d+)*-alpine", postgres["image"])
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    (data,) = postgres["volumes"]
+    source, target = data.split(":")[:2]
+    assert source in compose()["volumes"] and target == "/var/lib/postgresql/data"
+    # From the shell, no default in the file; not `:?`, since compose interpolates every
+    # service, profile or not, before it picks the ones to start: plain `up` must not need it.
+    assert postgres["environment"] == {"POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:-}"}
+    resolved_compose(OPERATOR)
+    assert service_environment("postgres", OPERATOR)["POSTGRES_PASSWORD"] == ""  # refused
+
+
+def test_the_documented_database_url_reaches_the_compose_postgres(context, tmp_path,
+                                                                   postgres_url):
+    """The DATABASE_URL the compose file tells an operator to export names the postgres
+    service as the image sets it up (user and database postgres, port 5432), and through
+    compose the image's CMD makes its tables there. The test server stands in for the service
+    (no compose network here)."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    documented = set(re.findall(r'DATABASE_URL="?(postgresql://[^"\s]+)', text))
+    assert documented == {"postgresql://postgres:${POSTGRES_PASSWORD}@postgres:5432/postgres"}
+    host_env = {**OPERATOR, "POSTGRES_PASSWORD": "0123abcd" * 3}
+    host_env["DATABASE_URL"] = substitute(documented.pop(), host_env)
+    environment = service_environment("llm-proxy", host_env)
+    assert environment["DATABASE_URL"] == host_env["DATABASE_URL"]
+    server_url = urllib.parse.urlsplit(postgres_url)
+    with fresh_postgres(postgres_url) as section:
+        name = urllib.parse.urlsplit(section["url"]).path.lstrip("/")
+        at_test_server = database_url(environment["DATABASE_URL"], name,
+                                      (server_url.hostname, server_url.port or 5432))
+        server = start_image_cmd(context, tmp_path / "proxy.log", environment,
+                                 {"DATABASE_URL": at_test_server})
+        try:
+            _, body = get(server.url + "/health")
+            database = json.loads(body)["checks"]["database"]
+            assert (database["status"], database["backend"]) == ("healthy", "postgresql"), body
+        finally:
+            stop(server.process, signal.SIGKILL)
+        with psycopg.connect(section["url"], connect_timeout=5) as conn:
+            tables = {row[0] for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"keys", "spend", "requests"} <= tables, tables
+
+
+def comment_above(text: str, pattern: str) -> str:
+    """The comment lines right above the first line matching ``pattern``, joined."""
+    lines = text.splitlines()
+    index = next(i for i, line in enumerate(lines) if re.search(pattern, line))
+    comments = []
+    for line in reversed(lines[:index]):
+        if not line.strip().startswith("#"):
+            break
+        comments.insert(0, line.strip().lstrip("# "))
+    return " ".join(comments)
+
+
+def test_compose_says_every_route_family_the_admin_key_opens():
+    """The app's routes that answer 403 admin_disabled while ADMIN_API_KEY is unset, by their
+    first path segment, are each named in the comment on ADMIN_API_KEY."""
+    app = create_app(settings_of({"providers": [{"name": "mock", "type": "mock",
+                                                 "models": ["mock-model"]}]}))
+    try:
+        client = app.test_client()
+        guarded = set()
+        for rule in app.url_map.iter_rules():
+            path = re.sub(r"<[^>]+>", "x", rule.rule)
+            method = min(rule.methods - {"HEAD", "OPTIONS"}, default="HEAD")
+            response = client.open(path, method=method)
+            if response.status_code == 403 and b"admin_disabled" in response.data:
+                guarded.add("/" + rule.rule.split("/")[1] + "/*")
+    finally:
+        app.extensions["llm_proxy"].close()
+    assert {"/admin/*", "/debug/*"} <= guarded, guarded
+    comment = comment_above((ROOT / "docker-compose.yml").read_text(), r"^\s+ADMIN_API_KEY:")
+    assert [family for family in sorted(guarded) if family not in comment] == [], comment
 
 
 def test_compose_keeps_secrets_out_of_the_file():
@@ -476,8 +675,10 @@ def docker_run_environment(command: str, host_env: dict) -> dict[str, str]:
 
 
 def docker_run_commands() -> list[tuple[str, str]]:
+    """Each documented ``docker run`` as one line: a line ending in ``\\`` goes on with the next,
+    as in the shell."""
     return [(name, line) for name, block in documented_blocks()
-            for line in block.splitlines() if "docker run " in line]
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines() if "docker run " in line]
 
 
 def test_every_documented_docker_run_starts_a_ready_proxy(context, tmp_path):
@@ -737,8 +938,8 @@ def test_the_operations_doc_lists_every_variable_with_its_defaults(tmp_path, mon
 
 def test_the_operations_doc_names_real_routes_and_metrics(exported):
     text = doc()
-    app = create_app(build_settings({"providers": [{"name": "mock", "type": "mock",
-                                                    "models": ["mock-model"]}]}))
+    app = create_app(settings_of({"providers": [{"name": "mock", "type": "mock",
+                                                 "models": ["mock-model"]}]}))
     try:
         rules = {rule.rule for rule in app.url_map.iter_rules()}
     finally:

@@ -477,7 +477,8 @@ def test_3000_slowloris_connections_leave_the_proxy_alive_and_serving_once_they_
         url = f"http://127.0.0.1:{port}"
         log_path = tmp_path / "proxy.log"
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "PORT": str(port),
-               "CONNECTION_LIMIT": "2500", "HEADER_TIMEOUT": "6", "ACCESS_LOG_ENABLED": "false"}
+               "CONNECTION_LIMIT": "2500", "HEADER_TIMEOUT": "6", "ACCESS_LOG_ENABLED": "false",
+               "DATABASE_ENABLED": "false"}
         socks = []
         with open(log_path, "w") as log:
             proxy = subprocess.Popen([sys.executable, str(ROOT / "wsgi.py")], cwd=tmp_path,

@@ -258,6 +258,48 @@ def test_the_proxy_starts_with_only_the_required_secret_keys(config_file):
     assert settings.admin_api_key == "" and settings.auth.client_keys()
 
 
+def test_the_database_is_postgresql_shared_by_every_pod_or_off(config_file):
+    """Several replicas on a read-only root: a SQLite file per pod would split keys and spend
+    between them, so the ConfigMap turns the database off, and turned on it is the Secret's
+    DATABASE_URL, which every pod shares."""
+    config = yaml.safe_load(resource("ConfigMap", "llm-proxy-config")["data"]["config.yaml"])
+    assert config["database"]["enabled"] is False
+    assert not deployed_settings(config_file).database.enabled
+    on = deployed_settings(config_file, DATABASE_ENABLED="true")
+    assert on.database.url == secret_values()["DATABASE_URL"]
+    assert on.database.target.startswith("postgresql+psycopg://")
+    # The Secret's key is optional: a Secret without it starts the pods, the database off.
+    secrets = {k: v for k, v in secret_values().items() if k != "DATABASE_URL"}
+    env = pod_environment(container(proxy_deployment()), secrets)
+    assert "DATABASE_URL" not in env
+    assert not load_settings(environ=env, config_path=str(config_file)).database.enabled
+
+
+def comment_above(text: str, pattern: str) -> str:
+    """The comment lines right above the first line of ``text`` matching ``pattern``, joined."""
+    lines = text.splitlines()
+    index = next(i for i, line in enumerate(lines) if re.search(pattern, line))
+    comments = []
+    for line in reversed(lines[:index]):
+        if not line.strip().startswith("#"):
+            break
+        comments.insert(0, line.strip().lstrip("# "))
+    return " ".join(comments)
+
+
+def test_the_comments_say_what_the_admin_key_and_database_url_are_for():
+    """ADMIN_API_KEY opens /admin/* (the keys API) as well as /debug/*; DATABASE_URL is read
+    only with the database turned on in the ConfigMap, whose comment says to set both."""
+    deployment = (K8S / "deployment.yaml").read_text(encoding="utf-8")
+    admin = comment_above(deployment, r"- name: ADMIN_API_KEY$")
+    assert "/admin/*" in admin and "/debug/*" in admin, admin
+    database = comment_above(deployment, r"- name: DATABASE_URL$")
+    assert "configmap.yaml" in database and "enabled" in database, database
+    config = resource("ConfigMap", "llm-proxy-config")["data"]["config.yaml"]
+    database = comment_above(config, r"^\s+enabled: false")
+    assert "DATABASE_URL" in database and "true" in database, database
+
+
 def test_every_variable_the_deployment_sets_is_read_by_the_proxy():
     spec = container(proxy_deployment())
     names = [v["name"] for v in spec["env"]]
@@ -307,6 +349,7 @@ def test_probes_answer_200_from_the_app(config_file, upstream):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
+    # The database as deployed: off (test_the_database_is_postgresql_shared_by_every_pod_or_off).
     settings = deployed_settings(config_file, REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
     for provider in settings.providers:
         provider.base_url = upstream.url + ("/v1" if provider.type == "openai" else "")

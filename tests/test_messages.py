@@ -173,7 +173,7 @@ def test_a_fresh_proxy_serves_claude_codes_model_names_from_the_mock(tmp_path, m
     """No config, no provider key: the mock answers any model name, so Claude Code's default
     model works on a fresh ``make run``."""
     monkeypatch.chdir(tmp_path)
-    app = create_app(load_settings({}))
+    app = create_app(load_settings({"DATABASE_ENABLED": "false"}))
     try:
         with live_server(app) as url:
             client = sdk(url)
@@ -680,8 +680,8 @@ _messages_bodies = st.fixed_dictionaries({
 
 @pytest.fixture(scope="module")
 def fuzz_app():
-    from settings import build_settings
-    app = create_app(build_settings({"providers": [MOCK]}))
+    from tests.conftest import settings_of
+    app = create_app(settings_of({"providers": [MOCK]}))
     yield app
     app.extensions["llm_proxy"].close()
 

@@ -3,6 +3,7 @@ YAML snippet loads, every link reaches a file, and docs/configuration.md names e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -100,16 +101,20 @@ def test_docs_configuration_names_every_setting():
     assert not missing, f"docs/configuration.md does not name {missing}"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def fresh_proxy(tmp_path_factory):
     """What `make run` serves on a fresh clone (no config file, no provider keys), on a free
     port; yields the base URL and the port."""
-    cwd = tmp_path_factory.mktemp("fresh")  # no config.yaml here
+    # No config.yaml here; the default database, data/llm-proxy.db, is made here too (the
+    # DATABASE_* variables of this shell are dropped below with the rest of ENV_VARS).
+    cwd = tmp_path_factory.mktemp("fresh")
     with socket_port() as port:
         pass
     env = {k: v for k, v in os.environ.items() if k not in settings_module.ENV_VARS
            and not k.endswith("_API_KEY") and k != "PROXY_CONFIG"}
     env.update(PORT=str(port), PYTHONUNBUFFERED="1")
+    # The README's admin walkthrough serves with an admin key: the same one.
+    env["ADMIN_API_KEY"] = re.search(r"ADMIN_API_KEY=(\S+) make run", README).group(1)
     log = open(cwd / "proxy.log", "wb")
     process = subprocess.Popen([sys.executable, str(ROOT / "wsgi.py")], cwd=cwd, env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,6 +135,20 @@ def served(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with fresh_proxy(tmp_path_factory) as found:
+        yield found
+
+
+@pytest.fixture
+def served_alone(tmp_path_factory):
+    """A fresh proxy of its own: once the walkthrough has made a key, keys are checked, and
+    the README's other snippets (any key until keys are configured) would be refused."""
+    with fresh_proxy(tmp_path_factory) as found:
+        yield found
+
+
 class socket_port:
     """A free loopback port."""
 
@@ -145,8 +164,10 @@ class socket_port:
 
 
 def runnable(command: str) -> bool:
+    """A command that runs on its own (the walkthrough's, which share shell variables, run as
+    one script below)."""
     return (command.startswith("curl ") or ".venv/bin/python -m app.auth" in command) \
-        and not PLACEHOLDER.search(command)
+        and not PLACEHOLDER.search(command) and "$" not in command
 
 
 def test_every_curl_in_the_readme_answers_from_a_fresh_proxy(served):
@@ -161,6 +182,24 @@ def test_every_curl_in_the_readme_answers_from_a_fresh_proxy(served):
         assert b'"error"' not in done.stdout, (command, done.stdout)
         ran += 1
     assert ran >= 4
+
+
+def test_the_keys_and_budget_walkthrough_runs_against_a_fresh_proxy(served_alone):
+    """The README's admin walkthrough, line by line in one shell as a reader types it (a pause
+    between lines: rows reach the database within database.flush_interval, 0.2 s): a key made
+    with one call, used until its budget is spent, its spend and its requests read back."""
+    url, port = served_alone
+    (block,) = [b for b in blocks("sh") if "/admin/keys" in b]
+    lines = [line for line in block.replace("localhost:8000", f"127.0.0.1:{port}").splitlines()
+             if line.strip()]
+    script = "set -euo pipefail\n" + "\nsleep 0.3\n".join(lines)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count('"object":"chat.completion"') == 2, out
+    assert '"code":"budget_exceeded"' in out and "resets at" in out, out
+    assert '"key_id":"team-b","requests":2' in out, out  # the spend (refusals spend nothing)
+    assert out.count('"request_id"') == 3 and '"status":429' in out, out  # the request log
 
 
 def test_every_python_snippet_in_the_readme_runs_against_a_fresh_proxy(served):

@@ -226,8 +226,8 @@ json_values = st.recursive(
 @pytest.fixture(scope="module")
 def fuzz_app():
     from app import create_app
-    from settings import build_settings
-    app = create_app(build_settings({"providers": [
+    from tests.conftest import settings_of
+    app = create_app(settings_of({"providers": [
         {"name": "m", "type": "mock", "models": ["gpt-test", "m"]}]}))
     yield app
     app.extensions["llm_proxy"].close()

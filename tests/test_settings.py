@@ -94,7 +94,8 @@ def test_a_production_file_without_client_keys_refuses_to_load(tmp_path):
 
 def test_an_app_from_a_production_file_refuses_requests_without_a_key(tmp_path):
     path = write(tmp_path, "environment: production\n" + MOCK)
-    app = create_app(load_settings(environ={"PROXY_API_KEYS": CLIENT_KEYS}, config_path=path))
+    app = create_app(load_settings(environ={"PROXY_API_KEYS": CLIENT_KEYS,
+                                            "DATABASE_ENABLED": "false"}, config_path=path))
     try:
         client = app.test_client()
         missing = client.post("/v1/chat/completions", json=CHAT)
@@ -278,7 +279,8 @@ def test_no_enabled_provider_is_an_error():
 def test_start_up_with_a_bad_config_prints_one_line_and_exits(tmp_path):
     path = write(tmp_path, "server:\n  port: nope\n")
     result = subprocess.run([sys.executable, "wsgi.py"], cwd=ROOT, capture_output=True, text=True,
-                            env={"PROXY_CONFIG": path, "PATH": "/usr/bin:/bin"}, timeout=30)
+                            env={"PROXY_CONFIG": path, "PATH": "/usr/bin:/bin",
+                                 "DATABASE_ENABLED": "false"}, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip() == ("llm-proxy: bad configuration: server.port: "
                                      "expected an integer, got 'nope'")
@@ -288,8 +290,8 @@ def test_start_up_with_a_bad_config_prints_one_line_and_exits(tmp_path):
 def test_start_up_with_a_bad_variable_names_it(tmp_path):
     path = write(tmp_path, MOCK)
     result = subprocess.run([sys.executable, "wsgi.py"], cwd=ROOT, capture_output=True, text=True,
-                            env={"PROXY_CONFIG": path, "PORT": "abc", "PATH": "/usr/bin:/bin"},
-                            timeout=30)
+                            env={"PROXY_CONFIG": path, "PORT": "abc", "PATH": "/usr/bin:/bin",
+                                 "DATABASE_ENABLED": "false"}, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip() == ("llm-proxy: bad configuration: PORT (server.port): "
                                      "expected an integer, got 'abc'")

@@ -41,7 +41,7 @@ class Proxy:
             stderr=subprocess.STDOUT,
             env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1",
                  "PORT": str(self.port), "PROXY_CONFIG": str(tmp_path / "proxy.yaml"),
-                 "THREADS": "8", "LOG_LEVEL": "WARNING", **env})
+                 "THREADS": "8", "LOG_LEVEL": "WARNING", "DATABASE_ENABLED": "false", **env})
         log.close()
         wait_for(self.ready, f"the proxy to serve (log: {self.log_path})")
 

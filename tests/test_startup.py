@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from tests.databases import sqlite_environ
 from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,8 @@ def start(tmp_path):
     def start(*argv, **env):
         process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True,
-                                   env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env})
+                                   env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+                                        **sqlite_environ(tmp_path), **env})
         processes.append(process)
         return process
 
@@ -91,7 +93,7 @@ def run(tmp_path):
         process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True,
                                    env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
-                                        "HOST": "127.0.0.1", **env})
+                                        "HOST": "127.0.0.1", **sqlite_environ(tmp_path), **env})
         processes.append(process)
         return process
 

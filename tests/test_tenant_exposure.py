@@ -251,7 +251,7 @@ def test_the_anonymous_tenant_lists_only_the_default_allow_list(make_app, upstre
 def production(tmp_path, monkeypatch, **environ):
     """An app built as a production deployment is: the profile, from the environment only."""
     monkeypatch.chdir(tmp_path)  # no config.yaml of the checkout's
-    settings = load_settings({"ENVIRONMENT": "production",
+    settings = load_settings({"ENVIRONMENT": "production", "DATABASE_ENABLED": "false",
                               "PROXY_API_KEYS": f"team-a:{TEAM_A}", **environ})
     app = create_app(settings)
     app.testing = True
@@ -300,7 +300,7 @@ def test_production_metrics_need_a_key(production_app):
 def test_development_keeps_providers_and_metrics_open_to_clients(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = create_app(load_settings({"PROXY_API_KEYS": f"team-a:{TEAM_A}",
-                                    "ADMIN_API_KEY": ADMIN}))
+                                    "ADMIN_API_KEY": ADMIN, "DATABASE_ENABLED": "false"}))
     try:
         client = app.test_client()
         # as the OpenAI routes: a client key (or none, keys not being required), not a wrong one

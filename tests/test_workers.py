@@ -20,6 +20,7 @@ from app.runtime.supervision import SupervisorState
 from app.runtime.workers import Supervisor, split_limits
 from settings import build_settings
 from tests.conftest import FakeClock
+from tests.databases import sqlite_environ
 from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
     config = tmp_path / "proxy.yaml"
     config.write_text("providers: [{name: mock, type: mock, models: [m]}]\n")
     env = {**os.environ, "WORKERS": "2", "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4",
-           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING"}
+           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING", **sqlite_environ(tmp_path)}
     env.pop("WORKER_INDEX", None)
     out = open(tmp_path / "supervisor.log", "wb")
     supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO, env=env,
@@ -203,7 +204,8 @@ def _worker_env(tmp_path, port, **extra):
     config = tmp_path / "proxy.yaml"
     config.write_text("providers: [{name: mock, type: mock, models: [m]}]\n")
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4",
-           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING", **extra}
+           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING", **sqlite_environ(tmp_path),
+           **extra}
     env.pop("WORKER_INDEX", None)
     return env
 

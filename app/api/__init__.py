@@ -24,9 +24,10 @@ _PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings"
 
 
 def register(app):
-    from app.api import admin, anthropic, health, metrics, openai, providers, responses
+    from app.api import (admin, anthropic, health, keys, metrics, openai, providers, responses,
+                         usage)
 
-    for module in (openai, anthropic, responses, providers, health, metrics, admin):
+    for module in (openai, anthropic, responses, providers, health, metrics, admin, keys, usage):
         app.register_blueprint(module.bp)
     app.before_request(_start_request)
     app.after_request(_proxy_headers)
@@ -73,7 +74,7 @@ def _proxy_headers(response):
     if trace.condensed:
         headers["X-Proxy-Condensed"] = trace.condensed
     proxied = bool(request.endpoint) and request.endpoint.removesuffix("_unversioned") in _PROXIED
-    cost = None
+    cost = overhead = None
     if proxied:
         # Every answer to a proxied call, errors and cache hits included: attempts 0 when no
         # upstream was called; no provider header rather than an empty one when none answered
@@ -93,16 +94,18 @@ def _proxy_headers(response):
         rule = request.url_rule.rule if request.url_rule is not None else "none"
         response.call_on_close(partial(_finished, llm_proxy, req, trace, request.method, path,
                                        rule, response.status_code, response.is_streamed,
-                                       proxied, cost))
+                                       proxied, cost, overhead))
     return response
 
 
 def _price(llm_proxy, trace):
-    """The request's cost at the price table (app/pricing.py), computed once its usage is
-    final, into ``trace.cost_usd`` for the header, the access log and the metrics."""
-    cost = llm_proxy.prices.cost(trace)
-    trace.cost_usd = cost.usd
-    return cost
+    """The request's cost at the price table (app/pricing.py): the pipeline's account step
+    priced it once its usage was final; a request refused before admission is priced here
+    (nothing, or the summary it made)."""
+    if trace.cost is None:
+        trace.cost = llm_proxy.prices.cost(trace)
+        trace.cost_usd = trace.cost.usd
+    return trace.cost
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -128,6 +131,12 @@ def answer(call) -> Response:
         reply = pipeline.complete(call, g.request, g.trace, cache_control)
     except ModelNotFound as e:
         raise unlisted(e, call.body["model"], g.request.tenant) from None
+    finally:
+        store = proxy().store
+        if store is not None and store.redactor is not None:  # the request log keeps bodies
+            g.trace.bodies = (call.raw or request.get_data(), None)
+    if g.trace.bodies is not None:
+        g.trace.bodies = (g.trace.bodies[0], reply.body)
     return Response(reply.body, status=reply.status, mimetype="application/json")
 
 
@@ -155,9 +164,10 @@ def _client_key(headers) -> str:
 
 
 def _finished(llm_proxy, req, trace, method, path, rule, status, streamed, proxied=False,
-              cost=None):
-    """After the last byte (of a stream too): the request's metrics and access log line; a
-    proxied stream's cost (``cost`` None: its usage came with its last events)."""
+              cost=None, overhead=None):
+    """After the last byte (of a stream too): the request's metrics, access log line and
+    request log row; a proxied stream's cost (``cost`` None: its usage came with its last
+    events)."""
     seconds = llm_proxy.clock() - req.started
     llm_proxy.metrics.http_request(method, rule, status, seconds)
     if path.startswith(_QUIET_PATHS):
@@ -168,11 +178,17 @@ def _finished(llm_proxy, req, trace, method, path, rule, status, streamed, proxi
             cost = _price(llm_proxy, trace)
         key_id = req.tenant.id if req.tenant else ANONYMOUS
         llm_proxy.metrics.answer_cost(key_id, trace, cost)
+        if llm_proxy.store is not None:
+            llm_proxy.store.record(req, trace, endpoint=rule, status=status, seconds=seconds,
+                                   overhead_ms=overhead, streamed=streamed)
     llm_proxy.access_log.record(req, trace, method=method, path=path, status=status,
                                 total_ms=seconds * 1000)
 
 
 def error_response(error: ProxyError) -> Response:
+    trace = g.get("trace")
+    if trace is not None:
+        trace.error_code = error.code
     response = Response(error.body(), status=error.status, mimetype="application/json")
     response.headers.update(error.headers)
     return response

@@ -1,4 +1,5 @@
-"""``/debug/*``: operator routes, closed without the admin key and disabled when it is unset."""
+"""``/debug/*``: operator routes, closed without the admin key and disabled when it is unset
+(``require_admin_key``, which the ``/admin/*`` blueprints use too)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ bp = Blueprint("admin", __name__, url_prefix="/debug")
 
 @bp.before_request
 def require_admin_key():
+    """Every admin route (``/debug/*``, ``/admin/*``): the admin key, or 401; 403 when none is
+    configured."""
     admin_key = proxy().settings.admin_api_key
     if not admin_key:
-        raise AdminDisabled("The /debug routes are disabled: set ADMIN_API_KEY to enable them.")
+        raise AdminDisabled(f"The admin routes ({request.path}) are disabled: set ADMIN_API_KEY "
+                            "to enable them.")
     if not is_admin_key(presented_key(request.headers), admin_key):
-        raise AdminRefused("A valid admin key is required for /debug routes.",
+        raise AdminRefused(f"A valid admin key is required for {request.path}.",
                            headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -9,7 +9,10 @@ stores); ``healthy`` otherwise. The ``providers`` check names each unset key var
 does the ``circuit_breakers`` check with ``open_models``, how many models of each provider are
 kept away now (their breaker open or cooling down): counted, not named, since anyone may read
 this and a pattern provider's model names are whatever clients asked for (``/providers`` and
-``/metrics`` name them, behind keys). The ``redis`` check is there only with ``REDIS_URL``.
+``/metrics`` name them, behind keys). The ``redis`` check is there only with ``REDIS_URL``. The ``database`` check (keys, spend, the
+request log: app/store/) is there with the database on: a warning while the database fails or
+its writer's queue is 80% full (requests are served either way); ``dropped`` counts the rows it
+could not keep.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def health():
               "circuit_breakers": _breakers(llm_proxy)}
     if llm_proxy.shared is not None:
         checks["redis"] = _redis(llm_proxy)
+    if llm_proxy.store is not None:
+        checks["database"] = llm_proxy.store.health()
     status = max((c["status"] for c in checks.values()), key=_RANK.__getitem__)
     body = {"status": status, "timestamp": time.time(), "version": llm_proxy.settings.version,
             "uptime": round(time.time() - llm_proxy.started_at, 1), "checks": checks}

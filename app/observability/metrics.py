@@ -51,6 +51,12 @@ class NullMetrics:
     def answer_cost(self, key_id, trace, cost):
         pass
 
+    def budget_refused(self, key_id, period):
+        pass
+
+    def budget_soft_limit(self, key_id, period):
+        pass
+
 
 class ProxyMetrics:
     """The proxy's metrics on a registry of its own (so tests can build many apps)."""
@@ -108,6 +114,14 @@ class ProxyMetrics:
         self.unpriced = Counter(
             "llm_proxy_unpriced_answers", "Answers whose model (or summary model) has no price: "
             "counted as 0 USD; add it to pricing.models", ["model"], registry=r)
+        # Budgets (app/store/spend.py): key ids are the database's keys that have a budget.
+        self.budget_refusals = Counter(
+            "llm_proxy_budget_refused_requests", "Requests refused (429 budget_exceeded) because "
+            "their key spent its budget, by key id and period (daily, monthly, total)",
+            ["key_id", "period"], registry=r)
+        self.budget_soft = Counter(
+            "llm_proxy_budget_soft_limit_crossings", "Times a key's spend passed its budget's "
+            "soft limit, by key id and period", ["key_id", "period"], registry=r)
         self._cost_by_key: dict[str, float] = {}  # for the JSON view; configured key ids
         self._unpriced_count = 0
         r.register(_StateCollector(llm_proxy))
@@ -164,6 +178,12 @@ class ProxyMetrics:
             self._child(self.unpriced, self._model_label(cost.unpriced[0])).inc()
             with self._lock:
                 self._unpriced_count += 1
+
+    def budget_refused(self, key_id, period):
+        self._child(self.budget_refusals, key_id, period).inc()
+
+    def budget_soft_limit(self, key_id, period):
+        self._child(self.budget_soft, key_id, period).inc()
 
     def cost_totals(self) -> dict:
         """The JSON view's ``costs``: USD by key id since start, and the unpriced answers."""
@@ -280,6 +300,18 @@ class _StateCollector:
             yield CounterMetricFamily("llm_proxy_redis_fallbacks",
                                       "Operations served locally because Redis was away",
                                       value=redis["fallbacks"])
+        if p.store is not None:
+            store = p.store.writer.stats()
+            yield GaugeMetricFamily("llm_proxy_store_queued_rows", "Request log rows waiting "
+                                    "for the database writer", value=store["queued"])
+            yield CounterMetricFamily("llm_proxy_store_written_rows", "Request log rows written "
+                                      "to the database", value=store["written"])
+            yield CounterMetricFamily("llm_proxy_store_dropped_rows", "Request log rows dropped "
+                                      "(queue full, or the database down at stop)",
+                                      value=store["dropped"])
+            yield GaugeMetricFamily("llm_proxy_store_available", "1 while the database answers "
+                                    "the writer, 0 while it fails",
+                                    value=0 if store["failing_for"] is not None else 1)
         yield GaugeMetricFamily("llm_proxy_memory_pressure",
                                 "Memory pressure: 0 normal, 1 high, 2 critical",
                                 value=PRESSURE_LEVELS.get(memory.get("pressure"), 0))

@@ -5,9 +5,10 @@ read by every step) and a fresh ``Trace`` (what serving it found: filled here fr
 steps return, read by the headers, the access log and the metrics). It gets back a whole
 ``Reply`` or an iterable of SSE events, and renders that in its protocol. The steps, in order:
 
-    admit      the key may use this model (403); its rate limits admit it (429), reserving
-               its estimated tokens; settled to the tokens it spent when the answer ends, a
-               stream's when it is closed
+    admit      the key may use this model (403); its budget has room (429 budget_exceeded),
+               reserving the request's estimated cost; its rate limits admit it (429),
+               reserving its estimated tokens; settled to the cost and tokens it spent when
+               the answer ends (the account step), a stream's when it is closed
     lookup     a fresh cached answer is the answer (HIT); no key, or Cache-Control: no-cache,
                bypasses the cache (app/cache/responses.py)
     coalesce   identical requests in flight share one upstream call
@@ -33,6 +34,8 @@ if TYPE_CHECKING:  # types only
     from app.auth import Tenant
     from app.cache import Entry
     from app.pipeline.limits import Admission
+    from app.pricing import Cost
+    from app.store.spend import Hold
 
 
 def _never_disconnected() -> bool:
@@ -79,8 +82,12 @@ class Trace:
     usage_estimated: bool = False  # the upstream sent none: the proxy estimated ``usage``
     # (model, usage) of the calls made for this request besides its answer (the summary)
     side_usage: list[tuple[str, dict]] = field(default_factory=list)
-    cost_usd: float | None = None  # what all that usage costs at the price table
+    cost: Cost | None = None  # what all that usage costs at the price table
+    cost_usd: float | None = None
+    budget_hold: Hold | None = None  # its reservation against the key's budget
     upstream: Attempts = field(default_factory=Attempts)
+    error_code: str | None = None  # the code of the error it was answered with
+    bodies: tuple | None = None  # (request, answer) bytes, for a request log that keeps them
 
     def tokens(self) -> int:
         """The tokens the upstream calls made for this request used: its answer (none when it
@@ -100,11 +107,13 @@ class Trace:
 class Pipeline:
     """The one sequence every request goes through; each step is a component of its own."""
 
-    def __init__(self, limiter, responses, condensation, gateway, *, clock):
+    def __init__(self, limiter, responses, condensation, gateway, *, prices, budgets, clock):
         self.limiter = limiter  # RateLimiter
         self.responses = responses  # ResponseCache
         self.condensation = condensation  # Condensation
         self.gateway = gateway  # Gateway
+        self.prices = prices  # PriceTable
+        self.budgets = budgets  # SpendLedger (app/store/spend.py)
         self.clock = clock
 
     def complete(self, call, request: Request, trace: Trace, cache_control: str = "") -> Reply:
@@ -132,7 +141,7 @@ class Pipeline:
                 trace.provider = reply.provider
             return reply
         finally:
-            _settle(trace)
+            self._settle(trace)
 
     def stream(self, call, request: Request, trace: Trace, cache_control: str = ""):
         """An iterable of SSE events; it fails before its first event when it fails early."""
@@ -156,20 +165,29 @@ class Pipeline:
                     if key is not None and policy.write:
                         events = self.responses.recording(call, key, relay)
         except BaseException:
-            _settle(trace)
+            self._settle(trace)
             raise
-        return SettledStream(events, partial(_settle_stream, trace, relay))
+        return SettledStream(events, partial(self._settle_stream, trace, relay))
 
     def _admit(self, call, request, trace, cache_control):
-        """The key's model allow-list and rate limits (the request's estimated tokens reserved,
-        when the key has a token limit); the request's cache key (None: the cache is bypassed)
-        and policy."""
+        """The key's model allow-list, budget (the request's estimated cost reserved, when the
+        key has a budget) and rate limits (its estimated tokens reserved, when the key has a
+        token limit); the request's cache key (None: the cache is bypassed) and policy."""
         trace.model = call.body["model"]
         tenant = request.tenant
         tenant.check_model(trace.model)
         tokens = (self.limiter.reservation(call, self.condensation.condenser.estimate_tokens)
-                  if tenant.tokens_per_minute else 0)
-        trace.admission = self.limiter.admit(tenant, tokens)
+                  if tenant.tokens_per_minute or tenant.budget else 0)
+        if tenant.budget is not None:
+            trace.budget_hold = self.budgets.hold(tenant,
+                                                  self.prices.estimate(trace.model, tokens))
+        try:
+            trace.admission = self.limiter.admit(tenant,
+                                                 tokens if tenant.tokens_per_minute else 0)
+        except BaseException:
+            if trace.budget_hold is not None:
+                self.budgets.release(trace.budget_hold)
+            raise
         policy = self.responses.policy(trace.model, cache_control)
         key = self.responses.key_for(call, policy, request)
         trace.cache = BYPASS if key is None or not policy.read else MISS
@@ -202,6 +220,28 @@ class Pipeline:
             trace.usage_estimated = answer.usage_estimated
         return answer
 
+    def _settle_stream(self, trace, relay) -> None:
+        """A stream's usage, known once it ended (the relay's: the upstream's, or estimated
+        when it sent none; a replay from the cache has none), then the account step."""
+        trace.usage = getattr(relay, "usage", None)
+        trace.usage_estimated = trace.usage is not None and getattr(relay, "usage_estimated",
+                                                                    False)
+        self._settle(trace)
+
+    def _settle(self, trace) -> None:
+        """The account step, the end of the admit step: what the request's calls cost at the
+        price table; the budget's reservation settled to it; the tokens reserved settled to
+        those the answer used (a cached answer costs none: its reservation goes back) and the
+        key's in-flight slot freed. Admission.finish runs once, whoever calls it."""
+        if trace.admission is None:
+            return  # refused before admission (403, 429)
+        cost = trace.cost = self.prices.cost(trace)
+        trace.cost_usd = cost.usd
+        hold = trace.budget_hold
+        if hold is not None and not hold.day:
+            self.budgets.settle(hold, trace.admission.tenant, cost.usd)
+        trace.admission.finish(trace.tokens())
+
 
 class SettledStream:
     """A stream's events; once it ends, or is closed (even unstarted), ``settle()`` runs."""
@@ -223,20 +263,3 @@ class SettledStream:
                 self._close()
         finally:
             self._settle()
-
-
-def _settle_stream(trace, relay) -> None:
-    """A stream's usage, known once it ended (the relay's: the upstream's, or estimated when it
-    sent none; a replay from the cache has none), then the end of the admit step."""
-    trace.usage = getattr(relay, "usage", None)
-    trace.usage_estimated = trace.usage is not None and getattr(relay, "usage_estimated", False)
-    _settle(trace)
-
-
-def _settle(trace) -> None:
-    """The end of the admit step: settle the tokens reserved at admission to those the answer
-    used (a cached answer costs none: its reservation goes back) and free the key's in-flight
-    slot. Admission.finish runs once, whoever calls it."""
-    if trace.admission is None:
-        return  # refused before admission (403)
-    trace.admission.finish(trace.tokens())

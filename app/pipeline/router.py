@@ -79,6 +79,13 @@ class Router:
         entries = self._resolved.get(model)
         return entries[0][1] if entries else model
 
+    def served_name(self, provider: str, model: str) -> str:
+        """The name ``provider`` serves ``model`` under (its alias resolved)."""
+        for adapter in self.providers:
+            if adapter.name == provider:
+                return adapter.settings.aliases.get(model, model)
+        return model
+
     def model_owners(self) -> list[tuple[str, str]]:
         """(model or alias, first enabled provider serving it), by name; see ``models``."""
         return [(model, owner) for model, owner, _ in self.models()]

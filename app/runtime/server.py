@@ -11,7 +11,7 @@ seconds holds its connection for ever). Here, as soon as a request's headers are
   is refused with 400 (RFC 9112 6.1, 6.3): the framing is ambiguous, the classic set-up for
   request smuggling, and waitress alone would read it as chunked and serve what follows.
 - A request that carries a body needs a key the app would accept: a client key (the
-  ``KeyStore``), or the admin key under ``/debug``. 401 otherwise, so a client without a key
+  ``KeyStore``), or the admin key under ``/debug`` and ``/admin``. 401 otherwise, so a client without a key
   can make the proxy hold no body at all. Requests without a body go on to the app, which
   answers them as it always does (probes, ``/metrics``, ``GET /v1/models``).
 - A ``Content-Length`` over ``server.max_request_body_mb`` gets 413; a chunked body is stopped
@@ -63,6 +63,7 @@ FD_MARGIN = 64
 # A chunked body's framing counts against waitress's limit: a little slack over the app's.
 CHUNKED_SLACK = 64 * 1024
 ACCEPT_BATCH = 64  # connections accepted per turn of the loop
+_ADMIN_PATH = re.compile(r"^/(debug|admin)(/|$)")  # the admin key's routes (app/api/admin.py)
 _FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding):", re.IGNORECASE)
 
 
@@ -226,15 +227,15 @@ class HeaderGate:
     def _key_refusal(self, headers, path: str) -> Refusal | None:
         """The app's own key check, from the headers alone: the refusal it would make."""
         try:
-            if path != "/debug" and not path.startswith("/debug/"):
+            if not _ADMIN_PATH.match(path):
                 self.keys.authenticate(headers)
                 return None
             if not self.admin_key:
-                raise AdminDisabled("The /debug routes are disabled: set ADMIN_API_KEY to "
-                                    "enable them.")
+                raise AdminDisabled(f"The admin routes ({path}) are disabled: set ADMIN_API_KEY "
+                                    "to enable them.")
             given = presented_key(headers)
             if not (given and hmac.compare_digest(_digest(given), _digest(self.admin_key))):
-                refused = AdminRefused("A valid admin key is required for /debug routes.",
+                refused = AdminRefused(f"A valid admin key is required for {path}.",
                                        headers={"WWW-Authenticate": "Bearer"})
                 return Refusal(refused, "bad_key" if given else "no_key")
         except ProxyError as e:

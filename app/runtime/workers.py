@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 from app.runtime.supervision import STATE_ENV, SupervisorState
@@ -284,6 +285,7 @@ def _die_with_parent() -> None:
         pass
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the app package
 STOP_MARGIN = 5.0  # seconds the supervisor waits past the workers' grace before killing them
 
 
@@ -326,8 +328,12 @@ def supervise(settings, environ: dict) -> int:
     # The state file (restart counts for the workers' /metrics) goes when the supervisor stops.
     with probe, SupervisorState() as state:
         port = probe.getsockname()[1]
+        # The workers import the app as this process did, from any working directory (which
+        # they keep: a relative config or database path means the same to them).
+        path = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
         supervisor = Supervisor([sys.executable, "-m", "app.runtime.workers"], server.workers,
-                                env={**environ, "PORT": str(port)}, state=state,
+                                env={**environ, "PORT": str(port), "PYTHONPATH": path},
+                                state=state,
                                 stop_timeout=server.shutdown_grace + STOP_MARGIN)
         log.warning("supervising %d workers on %s", supervisor.workers,
                     _address(server.host, port))

@@ -1,0 +1,219 @@
+"""Keys, spend and the request log in a database (SQLite, or PostgreSQL with DATABASE_URL),
+kept off the request path.
+
+The request path reads ``directory`` (the keys) and ``ledger`` (spend against budgets): copies
+in this process that the writer thread reloads every ``database.refresh_interval`` seconds and
+at once after a change (announced to every process through Redis when REDIS_URL is set). It
+writes only through ``record``, which queues a row for the writer. The admin API and the CLI
+(``python -m app.keys``) read and change the database directly: ``keys`` (the key table and its
+audit trail), ``spend_report``, ``requests_page``/``request``/``requests_export``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+import time
+
+import redis
+
+from app.store import request_log, spend as spend_module
+from app.store.database import describe, engine_for, failure, migrate, unavailable_as_error
+from app.store.keys import UNAUTHENTICATED, KeyDirectory, KeyTable
+from app.store.request_log import Redactor, usage_counts
+from app.store.spend import SpendLedger, day_of
+from app.store.writer import Writer
+
+log = logging.getLogger("llm_proxy.store")
+STALLED = 10.0  # seconds one database call may take before /health warns
+
+
+class Store:
+    def __init__(self, settings, *, secrets, router=None, clock=time.monotonic, wall=time.time,
+                 start=True):
+        db = self.settings = settings.database
+        self.engine = engine_for(db)
+        self.where = describe(self.engine)
+        self.backend = self.engine.dialect.name
+        self.wall = wall
+        self.router = router
+        config_ids = settings.auth.client_keys().ids
+        self.keys = KeyTable(self.engine, config_ids=config_ids, wall=wall)
+        self.directory = KeyDirectory(settings.auth, wall=wall)
+        self.ledger = SpendLedger(wall=wall)
+        self.redactor = Redactor(secrets, db.redact_patterns, db.log_body_max_kb * 1024) \
+            if db.log_bodies else None
+        self.writer = Writer(self.engine, self.ledger, refresh=self.refresh, settings=db,
+                             reload_spend=self.reload_spend, clock=clock, wall=wall,
+                             prepare=self.ready)
+        self._channel = f"{settings.redis.prefix}store:keys-changed"
+        self._redis = (redis.Redis.from_url(settings.redis.url, socket_connect_timeout=2,
+                                            socket_timeout=2) if settings.redis.url else None)
+        self._listener = None
+        self.migrated = False
+        if db.migrate:
+            self._migrate()
+        if start:
+            self.start()
+
+    def _migrate(self) -> None:
+        """At start-up; a database that does not answer yet is tried again by the writer (the
+        proxy serves meanwhile, with the configuration's keys)."""
+        try:
+            migrate(self.engine)
+            self.migrated = True
+        except Exception as e:  # noqa: BLE001 - any failure: serve, and say so in /health
+            log.error("database %s: migrations failed: %s", self.where, failure(e))
+            self.writer.last_error = failure(e)
+            self.writer.failing_since = self.writer.clock()
+
+    def start(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:  # noqa: BLE001 - the writer retries and /health reports it
+            log.error("database %s: keys not loaded yet: %s", self.where, failure(e))
+        self.writer.start()
+        if self._redis is not None:
+            self._listen()
+
+    def ready(self) -> None:
+        """The schema before the writer's first load or write: the migrations start-up could
+        not run (the database did not answer) run once it does. Without this, rows queued
+        while it was down were retried against missing tables for ever, and the refresh
+        that would have migrated never came (the writer retries its batch first)."""
+        if not self.migrated and self.settings.migrate:
+            migrate(self.engine)
+            self.migrated = True
+
+    def refresh(self) -> None:
+        """Reload the keys and spend totals the request path reads (the writer's thread: the
+        spend it loads then holds every batch it wrote, and none it has not)."""
+        self.ready()
+        with self.engine.connect() as connection:
+            rows = self.keys.everyone(connection)
+            days, totals = spend_module.load_totals(connection, self.wall())
+        self.directory.load(rows)
+        self.ledger.load(days, totals)
+
+    def reload_spend(self) -> None:
+        """The spend totals alone, while some key has a budget (the writer's thread, every
+        second): other processes' spend reaches this one's budgets within about a second."""
+        if not self.directory.budgeted:
+            return
+        with self.engine.connect() as connection:
+            days, totals = spend_module.load_totals(connection, self.wall())
+        self.ledger.load(days, totals)
+
+    def changed(self) -> None:
+        """A key changed here: this process reloads its keys now, and the others are told to
+        (through Redis; without it they reload within ``refresh_interval``)."""
+        with self.engine.connect() as connection:
+            self.directory.load(self.keys.everyone(connection))
+        if self._redis is not None:
+            try:
+                self._redis.publish(self._channel, b"1")
+            except redis.RedisError as e:  # they reload within refresh_interval anyway
+                log.warning("could not announce a key change through Redis: %s", e)
+
+    def _listen(self) -> None:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+
+        def on_error(error, pubsub, thread):  # Redis away: try again in a while
+            log.warning("key change announcements: %s", error)
+            self.writer._stop.wait(1.0)
+
+        try:
+            pubsub.subscribe(**{self._channel: lambda message: self.writer.wake()})
+            self._listener = pubsub.run_in_thread(sleep_time=1.0, daemon=True,
+                                                  exception_handler=on_error)
+        except redis.RedisError as e:
+            log.warning("key change announcements off (%s): keys reload every %g s", e,
+                        self.settings.refresh_interval)
+
+    # -- the request path: one queued row per proxied request ----------------------------------
+
+    def record(self, req, trace, *, endpoint, status, seconds, overhead_ms, streamed) -> None:
+        """One request's row, queued for the writer. A request refused before it was admitted
+        (a bad body, an unknown key, a model not allowed, a limit or budget spent) is logged
+        but adds nothing to its key's spend; one refused for its key (401) is logged under
+        ``unauthenticated``."""
+        tenant = req.tenant
+        prompt, completion, cached = usage_counts(
+            trace.usage if trace.cache not in ("HIT", "STALE") else None)
+        hold = trace.budget_hold
+        now = self.wall()
+        row = {
+            "at": now, "request_id": req.id,
+            "key_id": tenant.id if tenant else UNAUTHENTICATED,
+            "endpoint": endpoint, "model": _text(trace.model),
+            "served_model": _text(self._served(trace)), "provider": trace.provider,
+            "stream": streamed, "attempts": trace.upstream.count, "status": status,
+            "cache": trace.cache, "prompt_tokens": prompt, "completion_tokens": completion,
+            "cached_tokens": cached, "cost_usd": trace.cost_usd or 0.0,
+            "latency_ms": round(seconds * 1000, 3), "overhead_ms": round(overhead_ms or 0.0, 3),
+            "condensed": trace.condensed, "error_code": trace.error_code,
+            "spend_day": None if trace.admission is None
+            else hold.day if hold is not None and hold.day else day_of(now)}
+        if self.redactor is not None and trace.bodies is not None:
+            request_body, response_body = trace.bodies
+            row["request_body"] = self.redactor.text(request_body, req.client_key)
+            row["response_body"] = self.redactor.text(response_body, req.client_key)
+        self.writer.put(row)
+
+    def _served(self, trace) -> str:
+        if not trace.provider or self.router is None:
+            return trace.model
+        return self.router.served_name(trace.provider, trace.model)
+
+    # -- the admin API and the CLI ------------------------------------------------------------
+
+    def guarded(self):
+        """Around an admin call: a database failure is a 503, not a 500."""
+        return unavailable_as_error(self.engine)
+
+    def spend_report(self, **query) -> dict:
+        with self.engine.connect() as connection:
+            return spend_module.report(connection, **query)
+
+    def requests_page(self, **query) -> dict:
+        with self.engine.connect() as connection:
+            return request_log.page(connection, **query)
+
+    def request(self, request_id: str):
+        with self.engine.connect() as connection:
+            row = request_log.one(connection, request_id)
+        return None if row is None else request_log.to_json(row)
+
+    def requests_export(self, **query):
+        return request_log.export(self.engine, **query)
+
+    def health(self) -> dict:
+        stats = self.writer.stats()
+        full = stats["queued"] >= 0.8 * stats["queue_size"]
+        failing = stats["failing_for"] is not None or (stats["waiting_for"] or 0) > STALLED
+        return {"status": "warning" if failing or full else "healthy",
+                "backend": self.backend, "keys": len(self.directory), **stats}
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+        self.writer.close()
+        if self._redis is not None:
+            self._redis.close()
+        self.engine.dispose()
+
+
+def _text(value: str, limit: int = 200) -> str:
+    """A client's text for a column: bounded, and without NUL, which PostgreSQL refuses."""
+    return value[:limit].replace("\x00", "")
+
+
+def actor_of_cli() -> str:
+    """Who changes keys from the command line, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli {user}@{socket.gethostname()}"[:200]
+

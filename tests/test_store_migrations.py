@@ -1,0 +1,183 @@
+"""The store's schema migrations (app/store/migrations, Alembic) on real SQLite and real
+PostgreSQL (the ``database`` fixture): from an empty database, from the previous schema, down
+and up again, not again at each start-up, and several start-ups at once on a new database."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from app.store import Store, schema
+from app.store.database import head, migrate, revision
+from app.store.keys import KeyTable
+from app.upstream.secrets import Secrets
+from tests.store_helpers import (MODEL, Apps, admin, chat, cli_environ, engine_of,
+                                 settings_for, store_of, wait_until)
+
+STORE_TABLES = {"keys", "audit", "spend", "requests"}
+# What a migration writes (a no-op one reads only).
+WRITES = ("CREATE", "ALTER", "DROP", "INSERT INTO ALEMBIC_VERSION", "UPDATE ALEMBIC_VERSION",
+          "DELETE FROM ALEMBIC_VERSION")
+
+
+@pytest.fixture
+def apps(database):
+    # on the database: its apps are closed before it is dropped
+    with Apps() as made:
+        yield made
+
+
+@pytest.fixture
+def engine(database):
+    engine = engine_of(database)
+    yield engine
+    engine.dispose()
+
+
+def tables(engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+@contextlib.contextmanager
+def statements():
+    """Every SQL statement any engine runs in the block, upper-cased."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append(" ".join(statement.split()).upper())
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", record)
+
+
+def migration_writes(seen: list[str]) -> list[str]:
+    return [s for s in seen if s.startswith(WRITES)]
+
+
+def test_an_empty_database_migrates_to_the_schema_of_the_code(engine):
+    assert revision(engine) is None and tables(engine) == set()
+    assert migrate(engine) == head()
+    assert revision(engine) == head()
+
+    # the migrations make exactly the tables, columns, types and indexes of app/store/schema.py
+    # (Alembic's autogenerate finds nothing to add; server defaults it compares wrongly on SQLite)
+    assert tables(engine) == set(schema.metadata.tables) == STORE_TABLES
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, schema.metadata) == []
+
+
+def test_a_database_of_the_previous_schema_keeps_its_keys(engine, apps, database):
+    migrate(engine, "0001")
+    assert revision(engine) == "0001" and tables(engine) == {"keys", "audit"}
+    secret, _ = KeyTable(engine).create({"models": [MODEL], "owner": "before"}, "test",
+                                        "older")
+
+    assert migrate(engine) == head()
+    assert tables(engine) == STORE_TABLES
+
+    # the key works through an app, and its request reaches the new tables
+    app = apps(database)
+    client = app.test_client()
+    assert chat(client, secret) == (200, None)
+    wait_until(lambda: store_of(app).writer.stats()["written"] >= 1, what="the request's row")
+    rows = admin(client, "GET", "/admin/requests?key_id=older").get_json()["data"]
+    assert [(r["key_id"], r["status"]) for r in rows] == [("older", 200)]
+    spend = admin(client, "GET", "/admin/spend?group_by=key").get_json()["data"]
+    assert [(r["key_id"], r["requests"]) for r in spend] == [("older", 1)]
+    assert admin(client, "GET", "/admin/keys/older").get_json()["owner"] == "before"
+
+
+def test_a_database_migrates_down_and_up_again(engine, apps, database):
+    migrate(engine)
+    secret, _ = KeyTable(engine).create({}, "test", "kept")
+
+    assert migrate(engine, "0001") == "0001"
+    assert revision(engine) == "0001" and tables(engine) == {"keys", "audit"}
+    assert KeyTable(engine).get("kept")["id"] == "kept"
+
+    assert migrate(engine) == head()
+    assert revision(engine) == head() and tables(engine) == STORE_TABLES
+    assert chat(apps(database).test_client(), secret) == (200, None)
+
+
+def test_an_app_on_a_migrated_database_does_not_migrate_it_again(apps, database, engine):
+    with statements() as first:
+        apps(database)
+    assert migration_writes(first)  # the first start-up made the schema (so this sees them)
+
+    with statements() as second:
+        app = apps(database)
+    assert migration_writes(second) == []
+    assert store_of(app).migrated and revision(engine) == head()
+
+    started = time.monotonic()
+    with statements() as again:
+        assert migrate(engine) == head()
+    assert migration_writes(again) == [] and time.monotonic() - started < 1.0
+
+
+def test_start_ups_at_the_same_time_on_a_new_database_all_come_up(database):
+    """Processes starting together migrate one at a time (PostgreSQL: an advisory lock;
+    SQLite: the file's write lock, taken before the revision is read)."""
+    count = 4
+    barrier = threading.Barrier(count)
+    stores: list[Store] = []
+
+    def start_up():
+        settings = settings_for(database)
+        barrier.wait()
+        stores.append(Store(settings, secrets=Secrets(), start=False))
+
+    threads = [threading.Thread(target=start_up) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert len(stores) == count
+        assert [(s.migrated, s.writer.last_error) for s in stores] == [(True, "")] * count
+        assert revision(stores[0].engine) == head()
+    finally:
+        for store in stores:
+            store.close()
+
+
+# Waits until the given wall-clock second, then migrates: the processes start together.
+MIGRATE_AT = """
+import sys, time
+from app.store.database import engine_for, migrate
+from settings import load_settings
+engine = engine_for(load_settings().database)
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+print(migrate(engine))
+"""
+
+
+def test_processes_starting_at_the_same_time_on_a_new_database_all_migrate(database,
+                                                                             tmp_path, engine):
+    start = time.time() + 3.0  # once every process has imported the app
+    processes = [subprocess.Popen([sys.executable, "-c", MIGRATE_AT, str(start)], cwd=tmp_path,
+                                  env=cli_environ(database), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        results.append((process.returncode, out.strip(), err[-500:]))
+    assert [(code, out) for code, out, _ in results] == [(0, head())] * 3, results
+    assert revision(engine) == head() and tables(engine) == STORE_TABLES
