@@ -111,8 +111,11 @@ def add_arguments(p) -> None:
 
 
 def build(extra, providers=None):
+    """An app in this process; the database off unless ``extra`` sets it (its default file
+    would land in the working directory)."""
     from app import create_app
     from settings import build_settings
+    extra = {"database": {"enabled": False}, **extra}
     return create_app(build_settings(
         {"providers": providers or [{"name": "m", "type": "mock", "models": ["m"]}], **extra}))
 

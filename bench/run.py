@@ -5,12 +5,19 @@ proxy (``python wsgi.py``) has core 0 to itself, nginx and wrk share core 1. Eac
 fresh proxy; each row is a warm-up and a measured wrk run at one concurrency. ``--rounds``
 runs the chosen scenarios again, in turn, so that scenarios compared are measured interleaved
 and the report gives each one's median and spread.
+
+Every proxy has its database (keys, spend, the request log) on, as the proxy's default, in a
+SQLite file of its own under the run's temporary directory, unless its scenario says PostgreSQL
+(a database made for it on ``BENCH_POSTGRES_URL``'s server and dropped after) or off. After the
+load, the rows its database holds are counted against the requests sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
 import statistics
 from dataclasses import dataclass, field
 
@@ -33,7 +40,11 @@ class Scenario:
     directly. ``proxy_env``/``proxy_config`` adjust the proxy (e.g. ENVIRONMENT=production, a
     cache section); ``headers`` are sent with every request (an API key). ``path`` and ``body``
     are what wrk POSTs (a chat completion unless a front end's), ``expect`` the (field, value)
-    the one request before the load must answer with.
+    the one request before the load must answer with. ``database``: ``sqlite`` (the default),
+    ``postgresql`` or ``off``; ``key``: the load's key, ``config`` (the one in ``headers``, from
+    PROXY_API_KEYS) or ``database`` (one made with ``POST /admin/keys`` before the load, with a
+    budget, so spend tracking and the budget check are on the path; it takes the place of
+    ``BENCH_KEY`` in ``headers``).
     """
     name: str
     title: str
@@ -45,6 +56,12 @@ class Scenario:
     path: str = services.PATH
     body: dict = field(default_factory=lambda: services.CHAT_BODY)
     expect: tuple = ("object", "chat.completion")
+    database: str = "sqlite"
+    key: str = "config"
+
+    def profile(self) -> str:
+        """What one proxy must share to serve several scenarios (``--one-proxy``)."""
+        return repr((self.proxy_env, self.proxy_config, self.database, self.key))
 
 
 BENCH_KEY = "sk-bench-0123456789abcdef0123"
@@ -52,6 +69,18 @@ BENCH_AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 PRODUCTION_ENV = {"ENVIRONMENT": "production", "THREADS": "256", "HOST": "127.0.0.1",
                   "PROXY_API_KEYS": f"bench:{BENCH_KEY}", "RATE_LIMIT_REQUESTS": "100000000"}
 NO_CACHE = {"cache": {"enabled": False}}
+# Every proxy: the admin routes open to this key, to make keys and count the rows written.
+ADMIN_KEY = "bench-admin-0123456789abcdef0123"
+# The key the production rows' load goes through when it is made in the database: a budget no
+# load reaches, so it is checked on every request and never refuses.
+DATABASE_KEY = {"id": "bench-db", "budget": {"daily_usd": 1e9}}
+# A price for every bench model (USD per million tokens; nginx answers with 1 prompt and 6
+# completion tokens): each answer costs something, which spend tracking adds up.
+PRICED = {"pricing": {"models": [{"model": "bench-*", "input": 3.0, "output": 15.0}]}}
+PRODUCTION_CONFIG = {**NO_CACHE, **PRICED}
+# The production rows: the profile, priced, and the load through a key made in the database
+# with a budget (the database on: SQLite unless a scenario says otherwise).
+PRODUCTION = {"proxy_env": PRODUCTION_ENV, "key": "database"}
 
 
 def _openai_upstream(upstream):
@@ -98,7 +127,7 @@ def _front_end_scenarios():
     for name, title, providers, protocol, key in FRONT_ENDS:
         yield Scenario(name, title, providers=providers, proxy_config=NO_CACHE, **protocol)
         yield Scenario("prod-" + name, title + ", production profile", providers=providers,
-                       proxy_env=PRODUCTION_ENV, proxy_config=NO_CACHE,
+                       proxy_config=PRODUCTION_CONFIG, **PRODUCTION,
                        **{**protocol, "headers": {**protocol.get("headers", {}), **key}})
 
 
@@ -112,25 +141,52 @@ SCENARIOS = {s.name: s for s in (
              proxy_config=NO_CACHE),
     # Everything on: the production profile (256 threads, API keys required and checked, rate
     # limits checked (set high enough not to refuse the load), metrics, the JSON access log,
-    # breakers, bulkheads, caches and the memory manager).
-    Scenario("prod-passthrough", "wrk -> proxy -> nginx, production profile",
-             providers=_openai_upstream, proxy_env=PRODUCTION_ENV, proxy_config=NO_CACHE,
-             headers=BENCH_AUTH),
-    Scenario("prod-cachehit", "wrk -> proxy (cache hit), production profile",
-             providers=_openai_upstream, proxy_env=PRODUCTION_ENV, headers=BENCH_AUTH),
+    # breakers, bulkheads, caches and the memory manager), the database on (SQLite): a key made
+    # in it with a budget, spend tracked, a request log row for every request.
+    Scenario("prod-passthrough", "wrk -> proxy -> nginx, production profile, database on "
+             "(SQLite), a database key with a budget", providers=_openai_upstream,
+             proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH, **PRODUCTION),
+    Scenario("prod-cachehit", "wrk -> proxy (cache hit), production profile, database on "
+             "(SQLite)", providers=_openai_upstream, proxy_config=PRICED, headers=BENCH_AUTH,
+             **PRODUCTION),
+    # Issue 18: what the database costs the production pass-through, against it off (the key
+    # then from PROXY_API_KEYS), on PostgreSQL, and on SQLite with the configuration's key
+    # (rows written, no budget checked) to tell the key's source from the writes.
+    Scenario("prod-passthrough-db-off", "wrk -> proxy -> nginx, production profile, database "
+             "off (the configuration's key)", providers=_openai_upstream,
+             proxy_env=PRODUCTION_ENV, proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH,
+             database="off"),
+    Scenario("prod-passthrough-postgres", "wrk -> proxy -> nginx, production profile, database "
+             "on (PostgreSQL), a database key with a budget", providers=_openai_upstream,
+             proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH, database="postgresql",
+             **PRODUCTION),
+    Scenario("prod-passthrough-config-key", "wrk -> proxy -> nginx, production profile, "
+             "database on (SQLite), the configuration's key", providers=_openai_upstream,
+             proxy_env=PRODUCTION_ENV, proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH),
     # GC tuning (gc.freeze and thresholds at start-up; off by default) on, to compare with "mock".
     Scenario("mock-gc-on", "wrk -> proxy (mock provider, GC tuning on)", providers=_mock,
              needs_upstream=False, proxy_config=NO_CACHE,
              proxy_env={"GC_TUNING_ENABLED": "true"}),
     Scenario("prod-passthrough-gc-on", "wrk -> proxy -> nginx, production profile, GC tuning on",
              providers=_openai_upstream, proxy_env={**PRODUCTION_ENV, "GC_TUNING_ENABLED": "true"},
-             proxy_config=NO_CACHE, headers=BENCH_AUTH),
+             proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH, key="database"),
     *_front_end_scenarios(),
 )}
-# A run without --scenarios: the front ends' production variants only when named.
+# A run without --scenarios: the front ends' production variants and the database's
+# comparisons (PostgreSQL needs its server) only when named.
+DATABASE_OFF = "prod-passthrough-db-off"
+DATABASE_ON = (  # compared with DATABASE_OFF: (label, scenario, a target's key or None)
+    ("SQLite", "prod-passthrough", "sqlite"),
+    ("PostgreSQL", "prod-passthrough-postgres", "postgresql"),
+    ("SQLite, the configuration's key", "prod-passthrough-config-key", None))
 DEFAULT_SCENARIOS = [name for name in SCENARIOS
                      if not (name.startswith("prod-") and name.removeprefix("prod-")
-                             in {f[0] for f in FRONT_ENDS})]
+                             in {f[0] for f in FRONT_ENDS})
+                     and name not in ("prod-passthrough-postgres", "prod-passthrough-config-key")]
+# Rows the database must hold after a proxy's load: at least this share of the requests sent
+# (wrk counts the answers it read; a request cut at the end of a run may be logged or not).
+WRITTEN_SHARE = 0.99
+WRITES_WAIT = 15.0  # seconds to wait for the writer (it flushes every 0.5 s)
 
 TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     ("pass-through req/s at c16", "passthrough_rps_c16", ">=", 1200, "req/s"),
@@ -147,6 +203,12 @@ TARGETS = (  # (label, key in the summary, comparison, limit, unit)
     # Issue 17: Claude Code's calls to an Anthropic provider cost no more than chat ones.
     ("messages pass-through added p50 vs chat pass-through at c1", "messages_vs_chat_p50_ms_c1",
      "<=", 0, "ms"),
+    # Issue 18: the request log and spend tracking (production, medians over the rounds).
+    *(target for label, _, slug in DATABASE_ON if slug for target in (
+        (f"database on ({label}): req/s at c16 / database off's", f"db_{slug}_rps_share_c16",
+         ">=", 0.9, "x"),
+        (f"database on ({label}): p50 at c1 - database off's", f"db_{slug}_added_p50_ms_c1",
+         "<=", 0.1, "ms"))),
 )
 
 
@@ -180,109 +242,174 @@ def configure(p, args) -> None:
         args.scenarios, args.rounds = args.scenarios or ["passthrough"], 1
     args.scenarios = args.scenarios or list(DEFAULT_SCENARIOS)
     proxied = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
-    if args.one_proxy and (not proxied or len({repr((s.proxy_env, s.proxy_config))
-                                               for s in proxied}) > 1):
+    if args.one_proxy and (not proxied or len({s.profile() for s in proxied}) > 1):
         p.error("--one-proxy: the scenarios must share one proxy's profile and settings (e.g. "
                 "passthrough with messages-passthrough, not with prod-passthrough or cachehit)")
 
 
 def measure(args, procs, tmp) -> dict:
     """Every chosen scenario at every concurrency: the raw numbers and the targets."""
-    rows, memory = [], {}
+    rows, memory, writes = [], {}, []
     upstream = None
-    if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
-        upstream = services.start_nginx(procs, tmp)
-    shared = _one_proxy(args, procs, tmp, upstream) if args.one_proxy else None
-    if shared:
-        memory["one proxy"] = {"idle_rss_mb": _rss_mb(shared.process.pid)}
-    for round_ in range(1, args.rounds + 1):
-        # Every other round in reverse order: a drift of the machine's speed within a round
-        # then favours no scenario over the one measured next to it.
-        for name in args.scenarios if round_ % 2 else reversed(args.scenarios):
-            rows += _measure_scenario(args, procs, tmp, SCENARIOS[name], upstream, memory,
-                                      round_, shared)
-    if shared:
-        memory["one proxy"]["loaded_rss_mb"] = _rss_mb(shared.process.pid)
+    with contextlib.ExitStack() as cleanup:  # the PostgreSQL databases made, dropped at the end
+        if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
+            upstream = services.start_nginx(procs, tmp)
+        shared = _one_proxy(args, procs, tmp, upstream, cleanup) if args.one_proxy else None
+        if shared:
+            memory["one proxy"] = {"idle_rss_mb": _rss_mb(shared[0].process.pid)}
+        for round_ in range(1, args.rounds + 1):
+            # Every other round in reverse order: a drift of the machine's speed within a round
+            # then favours no scenario over the one measured next to it.
+            for name in args.scenarios if round_ % 2 else reversed(args.scenarios):
+                rows += _measure_scenario(args, procs, tmp, SCENARIOS[name], upstream, memory,
+                                          writes, round_, shared)
+        if shared:
+            memory["one proxy"]["loaded_rss_mb"] = _rss_mb(shared[0].process.pid)
+            chosen = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
+            sent = len(chosen) * args.rounds + sum(  # one request before each load, then wrk's
+                r["sent"] for r in rows if SCENARIOS[r["scenario"]].providers is not None)
+            written = _check_writes(shared[0], chosen[0], sent)
+            if written:
+                writes.append({"scenario": "one proxy", "round": "all", **written})
     summary = _summary(rows, memory)
     return {"settings": {"duration_s": args.duration, "warmup_s": args.warmup,
                          "threads": args.threads, "rounds": args.rounds,
                          "one_proxy": args.one_proxy},
-            "rows": rows, "memory": memory, "medians": _medians(rows), "summary": summary,
-            "targets": _targets(summary), "pass": not any(row["errors"] for row in rows)}
+            "rows": rows, "memory": memory, "writes": writes, "medians": _medians(rows),
+            "summary": summary, "targets": _targets(summary),
+            "pass": not any(row["errors"] for row in rows)
+            and all(w["complete"] for w in writes)}
 
 
 def _own_model(scenario) -> str:
     return f"bench-{scenario.name}"
 
 
-def _one_proxy(args, procs, tmp, upstream):
+def _one_proxy(args, procs, tmp, upstream, cleanup):
     """``--one-proxy``: one proxy serving every chosen scenario, each by a model of its own
     from a provider of its own, so the scenarios compared differ only by their path through
-    the proxy, not by the process (each start of a proxy lands a few % faster or slower)."""
+    the proxy, not by the process (each start of a proxy lands a few % faster or slower).
+    (proxy, the key a scenario's ``BENCH_KEY`` stands for)."""
     chosen = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
     providers = [{**provider, "name": f"{s.name}-{i}", "models": [_own_model(s)]}
                  for s in chosen for i, provider in enumerate(s.providers(upstream))]
-    return services.start_proxy(procs, tmp, "one-proxy", providers, threads=args.threads,
-                                env=chosen[0].proxy_env, config=chosen[0].proxy_config,
-                                source=args.source)
+    return _start_proxy(args, procs, tmp, "one-proxy", chosen[0], providers, cleanup)
 
 
-def _measure_scenario(args, procs, tmp, scenario, upstream, memory, round_,
+def _start_proxy(args, procs, tmp, name, scenario, providers, cleanup):
+    """A proxy for ``scenario``'s profile and database (a PostgreSQL one made for it, dropped
+    by ``cleanup``), and the key its load goes through: (proxy, key)."""
+    env = {**scenario.proxy_env, "ADMIN_API_KEY": ADMIN_KEY}
+    if scenario.database == "off":
+        env["DATABASE_ENABLED"] = "false"
+    elif scenario.database == "postgresql":
+        env["DATABASE_URL"] = cleanup.enter_context(services.postgres_database())
+    proxy = services.start_proxy(procs, tmp, name, providers, threads=args.threads, env=env,
+                                 config=scenario.proxy_config, source=args.source)
+    if scenario.key != "database":
+        return proxy, BENCH_KEY
+    return proxy, services.create_key(proxy.url, ADMIN_KEY, DATABASE_KEY)
+
+
+def _with_key(scenario, key):
+    """``scenario`` with ``key`` in place of ``BENCH_KEY`` in its headers."""
+    if key == BENCH_KEY:
+        return scenario
+    return dataclasses.replace(scenario, headers={
+        name: value.replace(BENCH_KEY, key) for name, value in scenario.headers.items()})
+
+
+def _check_writes(proxy, scenario, sent) -> dict | None:
+    """After the load: the rows the proxy's database holds (its spend table's request count,
+    one per request log row) against the requests sent, waiting for the writer to catch up
+    (bounded). None with the database off."""
+    if scenario.database == "off":
+        return None
+    deadline = time.monotonic() + WRITES_WAIT
+    while True:
+        counts = services.store_counts(proxy.url, ADMIN_KEY)
+        settled = counts["queued"] == 0 and counts["spend_requests"] >= sent * WRITTEN_SHARE
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    complete = counts["spend_requests"] >= sent * WRITTEN_SHARE and not counts["dropped"]
+    if not complete:
+        report.progress(f"{scenario.name}: **{counts['spend_requests']} rows written for "
+                        f"{sent} requests sent** ({counts['dropped']} dropped)")
+    made_by = "POST /admin/keys" if scenario.key == "database" else "PROXY_API_KEYS"
+    return {"database": counts["backend"] or scenario.database, "key": made_by,
+            "sent": sent, **counts, "complete": complete}
+
+
+def _measure_scenario(args, procs, tmp, scenario, upstream, memory, writes, round_,
                       shared=None) -> list[dict]:
     """One scenario at every concurrency, with a fresh proxy (or ``shared``, asked for the
     scenario's own model); the RSS of a fresh one (the highest over the rounds) noted in
-    ``memory``."""
+    ``memory``, the rows its database wrote in ``writes``."""
     name, proxy, url = scenario.name, None, upstream
-    if shared is not None and scenario.providers is not None:
-        scenario = dataclasses.replace(scenario,
-                                       body={**scenario.body, "model": _own_model(scenario)})
-        proxy, url = shared, shared.url
-    elif scenario.providers is not None:
-        proxy = services.start_proxy(
-            procs, tmp, name, scenario.providers(upstream), threads=args.threads,
-            env=scenario.proxy_env, config=scenario.proxy_config, source=args.source)
-        url = proxy.url
-    target = url + scenario.path
-    services.check_answer(target, scenario.body, headers=scenario.headers,
-                          expect=scenario.expect)  # and for RSS
-    idle = _rss_mb(proxy.process.pid) if proxy else None
-    script = services.write_wrk_script(tmp, name, scenario.body, headers=scenario.headers)
-    rows = [{**_measure_row(args, procs, scenario, proxy, target, script, c), "round": round_}
-            for c in args.connections]
-    if proxy and proxy is not shared:
-        seen = memory.setdefault(name, {"idle_rss_mb": 0, "loaded_rss_mb": 0})
-        seen["idle_rss_mb"] = max(seen["idle_rss_mb"], idle)
-        seen["loaded_rss_mb"] = max(seen["loaded_rss_mb"], _rss_mb(proxy.process.pid))
-        procs.stop(proxy.process)
+    with contextlib.ExitStack() as cleanup:  # its PostgreSQL database, dropped after
+        if shared is not None and scenario.providers is not None:
+            proxy, key = shared
+            scenario = dataclasses.replace(_with_key(scenario, key), body={
+                **scenario.body, "model": _own_model(scenario)})
+            url = proxy.url
+        elif scenario.providers is not None:
+            proxy, key = _start_proxy(args, procs, tmp, name, scenario,
+                                      scenario.providers(upstream), cleanup)
+            scenario, url = _with_key(scenario, key), proxy.url
+        target = url + scenario.path
+        services.check_answer(target, scenario.body, headers=scenario.headers,
+                              expect=scenario.expect)  # and for RSS
+        idle = _rss_mb(proxy.process.pid) if proxy else None
+        script = services.write_wrk_script(tmp, name, scenario.body, headers=scenario.headers)
+        rows = [{**_measure_row(args, procs, scenario, proxy, target, script, c),
+                 "round": round_} for c in args.connections]
+        if proxy and shared is None:
+            seen = memory.setdefault(name, {"idle_rss_mb": 0, "loaded_rss_mb": 0})
+            seen["idle_rss_mb"] = max(seen["idle_rss_mb"], idle)
+            seen["loaded_rss_mb"] = max(seen["loaded_rss_mb"], _rss_mb(proxy.process.pid))
+            written = _check_writes(proxy, scenario, 1 + sum(r["sent"] for r in rows))
+            if written:
+                writes.append({"scenario": name, "round": round_, **written})
+            procs.stop(proxy.process)
     return rows
 
 
 def _measure_row(args, procs, scenario, proxy, target, script, connections) -> dict:
-    """Warm up, then one measured wrk run; again (bounded) while other work shared the CPU."""
-    best = None
+    """Warm up, then one measured wrk run; again (bounded) while other work shared the CPU.
+    ``sent``: every request these runs had answered (warm-ups, retries and the diagnostic run
+    included), what the proxy's request log must hold for them."""
+    best, sent = None, 0
     for attempt in range(args.retries + 1):
         machine.wait_quiet(args.wait_quiet)
         report.progress(f"{scenario.name} c={connections}: {args.warmup:g} s warm-up, "
                         f"{args.duration:g} s run" + (f" (retry {attempt})" if attempt else ""))
         if args.warmup:
-            services.run_wrk(target, script, connections=connections, seconds=args.warmup)
+            sent += services.run_wrk(target, script, connections=connections,
+                                     seconds=args.warmup)["requests"]
         with machine.cpu_meter(proxy.process.pid if proxy else None, procs) as cpu:
             raw = services.run_wrk(target, script, connections=connections,
                                    seconds=args.duration)
+        sent += raw["requests"]
         row = _row(scenario, connections, raw, cpu)
         if best is None or row["others_cpu_pct"] < best["others_cpu_pct"]:
             best = row
         if not machine.shared(best):
             break
+    if proxy is not None and proxy.process.poll() is not None:
+        raise RuntimeError(f"the proxy of {scenario.name} died (exit code "
+                           f"{proxy.process.poll()}); its log ends:\n"
+                           f"{services.tail(proxy.log, 30)}")
     if best["errors"]:
         script = services.write_wrk_script(os.path.dirname(script), scenario.name,
                                            scenario.body, headers=scenario.headers,
                                            count=True)
-        best["failure_sample"] = services.run_wrk(target, script, connections=connections,
-                                                  seconds=2)["statuses"]
+        diagnostic = services.run_wrk(target, script, connections=connections, seconds=2)
+        best["failure_sample"] = diagnostic["statuses"]
+        sent += diagnostic["requests"]
         report.progress(f"{scenario.name} c={connections} had {best['errors']} errors; statuses"
                         f" in a 2 s diagnostic run: {best['failure_sample']}")
-    return best
+    return {**best, "sent": sent}
 
 
 def _row(scenario, connections, raw, cpu) -> dict:
@@ -350,7 +477,24 @@ def _summary(rows, memory) -> dict:
             else round(through - direct, 3),
             "messages_vs_chat_p50_ms_c1": (paired_p50_difference(
                 rows, "messages-passthrough", "passthrough") or (None,))[0],
-            "idle_rss_mb": memory.get("passthrough", memory.get("mock", {})).get("idle_rss_mb")}
+            "idle_rss_mb": memory.get("passthrough", memory.get("mock", {})).get("idle_rss_mb"),
+            **_database_summary(find)}
+
+
+def _database_summary(find) -> dict:
+    """Issue 18's two checks per database: its req/s at c16 as a share of the database off's,
+    and its p50 at c1 less the database off's (medians over the rounds)."""
+    off16, off1 = find(DATABASE_OFF, 16).get("rps"), find(DATABASE_OFF, 1).get("p50_ms")
+    out = {}
+    for _, name, slug in DATABASE_ON:
+        if slug is None:
+            continue
+        on16, on1 = find(name, 16).get("rps"), find(name, 1).get("p50_ms")
+        out[f"db_{slug}_rps_share_c16"] = (round(on16 / off16, 3) if on16 and off16
+                                           else None)
+        out[f"db_{slug}_added_p50_ms_c1"] = (round(on1 - off1, 3) if on1 is not None
+                                             and off1 is not None else None)
+    return out
 
 
 def _targets(summary) -> list[dict]:
@@ -403,9 +547,63 @@ def render(rep) -> list[str]:
             lines.append(f"| {m['scenario']} | {m['connections']} | {_spread(m, 'rps', ',.0f')} | "
                          f"{_spread(m, 'p50_ms', '.3f')} | {_spread(m, 'p99_ms', '.3f')} |")
     lines += _front_end_lines(rep)
+    lines += _database_lines(rep)
+    lines += _writes_lines(rep)
     lines += ["", "| proxy | idle RSS MB | RSS after load MB |", "| --- | ---: | ---: |"]
     for name, mem in rep["memory"].items():
         lines.append(f"| {name} | {mem['idle_rss_mb']} | {mem.get('loaded_rss_mb', '-')} |")
+    return lines
+
+
+def _database_lines(rep) -> list[str]:
+    """Each database-on scenario against the database off, measured in the same run: req/s at
+    c16 as a share of the database off's, and p50 at c1 less its (medians; and round by round,
+    the median of the differences and their range)."""
+    def median(name, c):
+        return next((m for m in rep["medians"]
+                     if m["scenario"] == name and m["connections"] == c), None)
+    lines = []
+    for label, name, _ in DATABASE_ON:
+        on16, off16 = median(name, 16), median(DATABASE_OFF, 16)
+        on1, off1 = median(name, 1), median(DATABASE_OFF, 1)
+        if not ((on16 and off16) or (on1 and off1)):
+            continue
+        share = (f"{on16['rps']:,.0f} / {off16['rps']:,.0f} = {on16['rps'] / off16['rps']:.1%}"
+                 if on16 and off16 else "-")
+        added = paired = "-"
+        if on1 and off1:
+            added = (f"{on1['p50_ms']:.3f} - {off1['p50_ms']:.3f} = "
+                     f"{on1['p50_ms'] - off1['p50_ms']:+.3f}")
+            difference, (low, high) = paired_p50_difference(rep["rows"], name, DATABASE_OFF)
+            paired = f"{difference:+.3f} ({low:+.3f} - {high:+.3f})"
+        lines.append(f"| {label} (`{name}`) | {share} | {added} | {paired} |")
+    if not lines:
+        return []
+    return ["", f"The database on against off (`{DATABASE_OFF}`, the configuration's key) in "
+            "the same run, production profile: req/s at c16 and p50 at c1 (medians over the "
+            "rounds), and p50 less the database off's round by round (median, lowest - "
+            "highest). Targets: >= 90% and <= +0.1 ms.", "",
+            "| database | req/s c16, on / off | p50 c1 ms, on - off | round by round |",
+            "| --- | ---: | ---: | ---: |", *lines]
+
+
+def _writes_lines(rep) -> list[str]:
+    """What each proxy's database held after its load: a run whose request log wrote nothing
+    measured nothing."""
+    writes = rep.get("writes") or []
+    if not writes:
+        return []
+    lines = ["", "Rows written: requests sent (wrk's answered requests, warm-ups included, and "
+             "the one before the load) against the requests the database's spend table counts "
+             "(one a request log row) and the writer's counts (`/health`).", "",
+             "| scenario | round | database | key | sent | in the database | written | "
+             "dropped | cost USD |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for w in writes:
+        flag = "" if w["complete"] else " **FLAGGED: rows missing**"
+        lines.append(f"| {w['scenario']}{flag} | {w['round']} | {w['database']} | {w['key']} | "
+                     f"{w['sent']:,} | {w['spend_requests']:,} | {w['written']:,} | "
+                     f"{w['dropped']:,} | {w['cost_usd']:.4f} |")
     return lines
 
 

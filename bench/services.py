@@ -4,11 +4,14 @@ requests it sends itself.
 Every long-lived process is started in its own process group and registered with a
 ``ProcessSet``, which ends the whole group on exit, error or Ctrl-C (and Linux kills it with the
 benchmark, by ``PR_SET_PDEATHSIG``). Nothing outside the run's temporary directory is written,
-but the results.
+but the results: every proxy keeps its database (keys, spend, the request log: SQLite by
+default) in a folder of its own there, or in a PostgreSQL database made for it and dropped
+after (``postgres_database``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -17,10 +20,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -34,6 +40,9 @@ _CORES = sorted(os.sched_getaffinity(0))
 PROXY_CORE, LOAD_CORE = str(_CORES[0]), str(_CORES[1 if len(_CORES) > 1 else 0])
 PATH = "/v1/chat/completions"
 CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
+# The PostgreSQL server a run makes its databases on (trust auth on loopback, as the tests').
+POSTGRES_SERVER = os.environ.get("BENCH_POSTGRES_URL",
+                                 "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def chat_body(model: str, prompt: str = "hello", stream: bool = False) -> bytes:
@@ -225,7 +234,7 @@ def start_upstream(procs: ProcessSet, tmp: str, module: str, *, lifetime: float)
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"bench.upstreams.{module} on port {port} did not start "
-                       f"(exit code {process.poll()}):\n{_tail(log_path)}")
+                       f"(exit code {process.poll()}):\n{tail(log_path)}")
 
 
 @dataclass
@@ -249,15 +258,19 @@ def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env
     """``python wsgi.py`` (from ``source``) pinned to ``cores`` with ``config`` as its YAML and
     exactly the proxy settings in ``env`` (plus PROXY_CONFIG, HOST, PORT): the proxy's own
     variables in this shell are not passed on, so a profile (ENVIRONMENT=production) keeps its
-    own values. Ready once ``/health/live`` answers."""
+    own values. Its SQLite database is a new file under ``tmp`` (``env`` may say otherwise:
+    DATABASE_URL, DATABASE_ENABLED), never ``data/`` in the checkout, and fresh at each start so
+    no run's rows weigh on the next. Ready once ``/health/live`` answers."""
     port = free_port()
     config_path = os.path.join(tmp, f"proxy-{name}.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     from settings import ENV_VARS
     proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    database_dir = tempfile.mkdtemp(prefix=f"db-{name}-", dir=tmp)
     proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
-                      "PYTHONUNBUFFERED": "1"})
+                      "PYTHONUNBUFFERED": "1",
+                      "DATABASE_PATH": os.path.join(database_dir, "llm-proxy.db")})
     proxy_env.update(env)
     log_path = os.path.join(tmp, f"proxy-{name}.log")
     process = procs.start(["taskset", "-c", cores, sys.executable, "wsgi.py"],
@@ -267,7 +280,50 @@ def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env
     return Proxy(process, url, log_path)
 
 
-def _tail(path, lines=10) -> str:
+@contextlib.contextmanager
+def postgres_database(server_url: str = POSTGRES_SERVER):
+    """A new empty database on the PostgreSQL server for the block; yields its URL (a proxy's
+    DATABASE_URL). Dropped afterwards, ending the sessions a proxy may still hold in it."""
+    import psycopg  # the app's driver; only runs with PostgreSQL need it
+    from psycopg import sql
+
+    name = f"llmproxy_bench_{uuid.uuid4().hex[:16]}"
+    # CREATE and DROP DATABASE cannot run inside a transaction.
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                         .format(sql.Identifier(name)))
+
+
+def create_key(url: str, admin_key: str, body: dict) -> str:
+    """``POST /admin/keys`` with ``body`` (id, budget, ...): the new key's secret."""
+    _, answer = request(url + "/admin/keys", body, headers={
+        "Authorization": f"Bearer {admin_key}", "X-Audit-Actor": "bench"})
+    return json.loads(answer)["key"]
+
+
+def store_counts(url: str, admin_key: str) -> dict:
+    """What the proxy's database holds, by its admin API: the requests and cost its spend
+    table adds up (one per request log row written), and its writer's counts from
+    ``/health`` (rows written, dropped, still queued)."""
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    _, spend = request(url + "/admin/spend?group_by=key", headers=admin)
+    total = json.loads(spend)["total"]
+    try:
+        _, health = request(url + "/health", headers=admin)
+    except urllib.error.HTTPError as e:  # 503: unhealthy, its body still says why
+        health = e.read()
+    writer = json.loads(health)["checks"].get("database", {})
+    return {"spend_requests": total["requests"], "cost_usd": total["cost_usd"],
+            "written": writer.get("written"), "dropped": writer.get("dropped"),
+            "queued": writer.get("queued"), "backend": writer.get("backend")}
+
+
+def tail(path, lines=10) -> str:
     if not os.path.exists(path):
         return ""
     with open(path, errors="replace") as f:
@@ -286,7 +342,7 @@ def wait_ready(process, url, log_path, *, timeout=20.0):
         except (OSError, urllib.error.URLError):
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not become ready (exit code {process.poll()}):\n"
-                       f"{_tail(log_path)}")
+                       f"{tail(log_path)}")
 
 
 def request(url, body=None, timeout=5.0, headers=None) -> tuple[int, bytes]:

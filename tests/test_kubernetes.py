@@ -26,6 +26,7 @@ import yaml
 
 from app import create_app
 from settings import ENV_VARS, load_settings
+from tests.test_deployment import comment_above
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -273,18 +274,6 @@ def test_the_database_is_postgresql_shared_by_every_pod_or_off(config_file):
     env = pod_environment(container(proxy_deployment()), secrets)
     assert "DATABASE_URL" not in env
     assert not load_settings(environ=env, config_path=str(config_file)).database.enabled
-
-
-def comment_above(text: str, pattern: str) -> str:
-    """The comment lines right above the first line of ``text`` matching ``pattern``, joined."""
-    lines = text.splitlines()
-    index = next(i for i, line in enumerate(lines) if re.search(pattern, line))
-    comments = []
-    for line in reversed(lines[:index]):
-        if not line.strip().startswith("#"):
-            break
-        comments.insert(0, line.strip().lstrip("# "))
-    return " ".join(comments)
 
 
 def test_the_comments_say_what_the_admin_key_and_database_url_are_for():

@@ -181,3 +181,25 @@ def test_processes_starting_at_the_same_time_on_a_new_database_all_migrate(datab
         results.append((process.returncode, out.strip(), err[-500:]))
     assert [(code, out) for code, out, _ in results] == [(0, head())] * 3, results
     assert revision(engine) == head() and tables(engine) == STORE_TABLES
+
+
+def test_the_code_knows_the_newest_migration():
+    """schema.HEAD, what start-up compares the database's revision with (without importing
+    Alembic), is the head of the migrations themselves."""
+    from alembic.script import ScriptDirectory
+
+    from app.store.database import MIGRATIONS
+    assert ScriptDirectory(str(MIGRATIONS)).get_current_head() == head() == schema.HEAD
+
+
+def test_a_process_whose_schema_is_current_never_imports_alembic(database, engine):
+    """Alembic costs about 9 MB once imported: a start-up with nothing to migrate leaves it
+    out (one that migrates needs it, once)."""
+    migrate(engine)
+    code = ("import sys; from app import create_app; from tests.store_helpers import "
+            f"settings_for; app = create_app(settings_for({database!r})); "
+            "app.extensions['llm_proxy'].close(); print('alembic' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=cli_environ(database))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

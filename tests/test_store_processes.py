@@ -18,7 +18,7 @@ import pytest
 
 from tests.databases import fresh_postgres
 from tests.processes import free_port
-from tests.test_workers import _kill_tree, _pid, _wait_for
+from tests.test_workers import _kill_tree, _wait_for, _workers_answer
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN = "admin-key-for-the-two-workers-test"
@@ -69,16 +69,8 @@ def workers(tmp_path, postgres_url, redis_url, prefix):
         supervisor = subprocess.Popen([sys.executable, "wsgi.py"], cwd=REPO, env=env,
                                       stdout=out, stderr=subprocess.STDOUT)
         try:
-            seen: set[int] = set()
-
-            def both_answer():
-                pid = _pid(port)
-                if pid:
-                    seen.add(pid)
-                return len(seen) >= 2
-
-            assert _wait_for(both_answer, 30), (tmp_path / "supervisor.log").read_text()
-            yield port, seen
+            assert _workers_answer(port), (tmp_path / "supervisor.log").read_text()
+            yield port
         finally:
             supervisor.send_signal(signal.SIGTERM)
             try:
@@ -89,7 +81,7 @@ def workers(tmp_path, postgres_url, redis_url, prefix):
 
 
 def test_two_workers_share_keys_spend_budgets_and_revocation(workers):
-    port, pids = workers
+    port = workers
     status, made = call(port, "POST", "/admin/keys",
                         {"id": "team-b", "budget": {"daily_usd": 0.0055}})
     assert status == 201, made

@@ -55,6 +55,19 @@ def _both_running(port):
     return slots if [s["state"] for s in slots] == ["running", "running"] else None
 
 
+def _workers_answer(port, count=2, timeout=30):
+    """Whether ``count`` different workers answered on ``port`` within ``timeout`` seconds."""
+    seen: set[int] = set()
+
+    def all_answered():
+        pid = _pid(port)
+        if pid:
+            seen.add(pid)
+        return len(seen) >= count
+
+    return _wait_for(all_answered, timeout)
+
+
 def _wait_for(predicate, timeout, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -405,15 +418,7 @@ def test_two_workers_without_redis_admit_no_more_than_the_limit_in_all(tmp_path)
     supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO, env=env,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
-        seen: set[int] = set()
-
-        def both_listen():
-            pid = _pid(port)
-            if pid:
-                seen.add(pid)
-            return len(seen) >= 2
-
-        assert _wait_for(both_listen, 30), (tmp_path / "supervisor.log").read_text()
+        assert _workers_answer(port), (tmp_path / "supervisor.log").read_text()
         answers = [_post_chat(port) for _ in range(40)]
         codes = [status for status, _ in answers]
         assert codes.count(200) == 5 and codes.count(429) == 35

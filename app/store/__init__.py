@@ -143,23 +143,17 @@ class Store:
             trace.usage if trace.cache not in ("HIT", "STALE") else None)
         hold = trace.budget_hold
         now = self.wall()
-        row = {
-            "at": now, "request_id": req.id,
-            "key_id": tenant.id if tenant else UNAUTHENTICATED,
-            "endpoint": endpoint, "model": _text(trace.model),
-            "served_model": _text(self._served(trace)), "provider": trace.provider,
-            "stream": streamed, "attempts": trace.upstream.count, "status": status,
-            "cache": trace.cache, "prompt_tokens": prompt, "completion_tokens": completion,
-            "cached_tokens": cached, "cost_usd": trace.cost_usd or 0.0,
-            "latency_ms": round(seconds * 1000, 3), "overhead_ms": round(overhead_ms or 0.0, 3),
-            "condensed": trace.condensed, "error_code": trace.error_code,
-            "spend_day": None if trace.admission is None
-            else hold.day if hold is not None and hold.day else day_of(now)}
+        bodies = (None, None)
         if self.redactor is not None and trace.bodies is not None:
-            request_body, response_body = trace.bodies
-            row["request_body"] = self.redactor.text(request_body, req.client_key)
-            row["response_body"] = self.redactor.text(response_body, req.client_key)
-        self.writer.put(row)
+            bodies = tuple(self.redactor.text(body, req.client_key) for body in trace.bodies)
+        row = (now, req.id, tenant.id if tenant else UNAUTHENTICATED, endpoint,
+               _text(trace.model), _text(self._served(trace)), trace.provider, streamed,
+               trace.upstream.count, status, trace.cache, prompt, completion, cached,
+               trace.cost_usd or 0.0, round(seconds * 1000, 3), round(overhead_ms or 0.0, 3),
+               trace.condensed, trace.error_code, *bodies)
+        spend_day = (None if trace.admission is None
+                     else hold.day if hold is not None and hold.day else day_of(now))
+        self.writer.put((row, spend_day))
 
     def _served(self, trace) -> str:
         if not trace.provider or self.router is None:

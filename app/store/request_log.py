@@ -18,6 +18,14 @@ from app.store.schema import requests
 from app.store.spend import iso
 from app.upstream.secrets import REDACTED
 _REDACTED = REDACTED.encode()
+# A row as the request path builds it and the writer inserts it: a tuple in this order (cheaper
+# to build and to hand to the driver than a dict, which matters on the request path).
+COLUMNS = ("at", "request_id", "key_id", "endpoint", "model", "served_model", "provider",
+           "stream", "attempts", "status", "cache", "prompt_tokens", "completion_tokens",
+           "cached_tokens", "cost_usd", "latency_ms", "overhead_ms", "condensed", "error_code",
+           "request_body", "response_body")
+KEY_ID, MODEL, PROMPT, COMPLETION, CACHED, COST = (COLUMNS.index(c) for c in (
+    "key_id", "model", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd"))
 MAX_PAGE = 1000
 EXPORT_PAGE = 1000
 _COLUMNS = [c for c in requests.c if c.name not in ("request_body", "response_body")]

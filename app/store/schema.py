@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+HEAD = "0002"  # the newest migration in migrations/versions: a new migration moves it
 metadata = sa.MetaData()
 
 # API keys made through the admin API or ``python -m app.keys`` (the config file's are not here).

@@ -15,6 +15,7 @@ budget.
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import math
 import threading
@@ -50,7 +51,13 @@ class Budget:
 
 
 def day_of(wall: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(wall))
+    """The UTC day of ``wall``, YYYY-MM-DD (asked on every request: the last ones are kept)."""
+    return _day(int(wall // 86400))
+
+
+@functools.lru_cache(maxsize=8)
+def _day(number: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(number * 86400))
 
 
 def resets_at(period: str, wall: float) -> float | None:
@@ -93,13 +100,19 @@ class _KeySpend:
         self.held = 0.0  # reserved by requests in flight here
         self.warned: set[tuple[str, str]] = set()  # (period, its day or month) soft-warned
 
-    def spent(self, today: str) -> dict[str, float]:
-        month = today[:7]
-        daily = self.base_days.get(today, 0.0) + self.local_days.get(today, 0.0)
-        monthly = (sum(v for d, v in self.base_days.items() if d.startswith(month))
-                   + sum(v for d, v in self.local_days.items() if d.startswith(month)))
-        total = self.base_total + sum(self.local_days.values())
-        return {"daily": daily, "monthly": monthly, "total": total}
+    def spent(self, today: str, periods=PERIODS) -> dict[str, float]:
+        """USD spent today, this month and in all (only ``periods``: each costs a sum)."""
+        out = {}
+        if "daily" in periods:
+            out["daily"] = self.base_days.get(today, 0.0) + self.local_days.get(today, 0.0)
+        if "monthly" in periods:
+            month = today[:7]
+            out["monthly"] = (
+                sum(v for d, v in self.base_days.items() if d.startswith(month))
+                + sum(v for d, v in self.local_days.items() if d.startswith(month)))
+        if "total" in periods:
+            out["total"] = self.base_total + sum(self.local_days.values())
+        return out
 
 
 class SpendLedger:
@@ -124,10 +137,11 @@ class SpendLedger:
         if budget is None:
             return None
         now = self.wall()
+        limits = budget.limits()
         with self._lock:
             state = self._of(tenant.id)
-            spent = state.spent(day_of(now))
-            for period, limit in budget.limits():
+            spent = state.spent(day_of(now), [period for period, _ in limits])
+            for period, limit in limits:
                 if spent[period] + state.held >= limit:
                     break
             else:
@@ -149,16 +163,21 @@ class SpendLedger:
         (until the writer has written it: ``written``); a soft limit crossed is reported."""
         now = self.wall()
         hold.day = today = day_of(now)
+        budget = tenant.budget
+        watched = ([p for p, _ in budget.limits()]
+                   if budget is not None and budget.soft_limit_percent is not None else ())
         with self._lock:
             state = self._of(hold.key_id)
-            before = state.spent(today)
+            before = state.spent(today, watched) if watched else None
             state.held = max(0.0, state.held - hold.usd)
             state.local_days[today] = state.local_days.get(today, 0.0) + cost_usd
-            after = state.spent(today)
-            crossed = self._crossed(state, tenant.budget, before, after, today)
+            if not watched:
+                return
+            after = state.spent(today, watched)
+            crossed = self._crossed(state, budget, before, after, today)
         for period, limit, threshold in crossed:
             log.warning("API key %r passed %g%% of its %s budget (%s of %s USD)", hold.key_id,
-                        tenant.budget.soft_limit_percent, period, usd(after[period]), usd(limit))
+                        budget.soft_limit_percent, period, usd(after[period]), usd(limit))
             if self.metrics is not None:
                 self.metrics.budget_soft_limit(hold.key_id, period)
 
