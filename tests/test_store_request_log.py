@@ -6,6 +6,7 @@ the filters, paging and NDJSON export of GET /admin/requests, bodies kept only w
 from __future__ import annotations
 
 import hashlib
+import time
 import json
 
 import pytest
@@ -343,3 +344,17 @@ def test_a_nul_in_a_clients_text_costs_no_row(apps, database, upstream):
     assert store_of(app).writer.stats()["dropped"] == 0
     assert row_of(client, odd.headers["X-Request-ID"])["model"] == "gptodd"
     assert row_of(client, fine.headers["X-Request-ID"])["status"] == 200
+
+
+def test_the_admin_api_reads_its_own_writes_at_once(apps, database, upstream):
+    """A request answered, then looked up at once: the admin reads have this process's queued
+    rows written first, even with a writer that would wait seconds to fill a batch."""
+    app = log_app(apps, {**database, "flush_interval": 5.0}, upstream)
+    client = app.test_client()
+    _, key = create_key(client)
+    answered = post(client, "/v1/chat/completions", chat(), bearer(key))
+    started = time.monotonic()
+    assert row_of(client, answered.headers["X-Request-ID"])["status"] == 200
+    spent = client.get("/admin/spend", query_string={"group_by": "key"}, headers=admin()).json
+    assert [r["requests"] for r in spent["data"]] == [1]
+    assert time.monotonic() - started < 2.0  # not the 5 s batch wait

@@ -1,6 +1,6 @@
 """``/admin/spend`` and ``/admin/requests``: what keys spent and the request log, answered from
-the database (app/store/), with the admin key. Rows reach it within ``database.flush_interval``
-of their request's end."""
+the database (app/store/), with the admin key. This process's queued rows are written before
+each read (a second at most); other processes' reach it within their flush interval."""
 
 from __future__ import annotations
 

@@ -57,7 +57,10 @@ class Writer:
         self._busy_since: float | None = None  # the database call under way, since when
         self._dropped_logged = (0, -DROP_LOG_INTERVAL)  # (count, when) last logged
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # reload keys and spend now
+        self._nudge = threading.Event()  # write what is queued now, without filling a batch
+        self._progress = threading.Condition()  # notified after each batch written or dropped
+        self.accepted = 0  # rows put in the queue so far
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         upsert = postgresql_insert if engine.dialect.name == "postgresql" else sqlite_insert
@@ -77,10 +80,22 @@ class Writer:
             self.queue.put_nowait(row)
         except queue.Full:
             self._drop(1, "the queue is full")
+        self.accepted += 1
 
     def wake(self) -> None:
         """Reload keys and spend now (a key changed here or on another process)."""
         self._wake.set()
+        self._nudge.set()
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Write the rows queued so far now, and wait up to ``timeout`` seconds for them (the
+        admin API reads its own writes: a request answered, then looked up at once). Whether
+        they were written (or dropped) in time."""
+        target = self.accepted
+        self._nudge.set()
+        with self._progress:
+            return self._progress.wait_for(lambda: self.written + self.dropped >= target,
+                                           timeout)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -90,7 +105,7 @@ class Writer:
         """Stop: write what is queued if the database answers within ``timeout`` seconds;
         what is left is counted as dropped."""
         self._stop.set()
-        self._wake.set()
+        self._nudge.set()
         if self._thread is not None:
             self._thread.join(timeout)
         left = self.queue.qsize()
@@ -171,7 +186,8 @@ class Writer:
             return []
         rows = [first]
         if self.queue.qsize() < self.settings.batch_size and not self._stop.is_set():
-            self._wake.wait(self.settings.flush_interval)
+            self._nudge.wait(self.settings.flush_interval)
+            self._nudge.clear()
         while len(rows) < self.settings.batch_size:
             try:
                 rows.append(self.queue.get_nowait())
@@ -230,9 +246,11 @@ class Writer:
                 connection.execute(self._upsert, [
                     {"key_id": key_id, "day": day, "model": model,
                      **dict(zip(SPEND_SUMS, total))} for (key_id, day, model), total in sums.items()])
-        self.written += len(rows)
         for (key_id, day), usd in settled.items():
             self.ledger.written(key_id, day, usd)
+        with self._progress:
+            self.written += len(rows)
+            self._progress.notify_all()
 
     def _insert(self, connection, rows: list[tuple]) -> None:
         if connection.dialect.name == "postgresql":
@@ -251,8 +269,9 @@ class Writer:
                      self.settings.retention_days)
 
     def _drop(self, count: int, why: str) -> None:
-        with self._lock:
+        with self._lock, self._progress:
             self.dropped += count
+            self._progress.notify_all()
             total = self.dropped
             logged, when = self._dropped_logged
             now = self.clock()
