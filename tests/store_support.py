@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from tests.conftest import settings_of
+from tests.store_helpers import store_of
 from tests.upstream import Reply, Stream, chat_chunks, chat_completion
 
 ADMIN = "admin-key-for-store-tests"
@@ -106,10 +107,6 @@ def post(client, path, body, headers=None, **kwargs):
     return response
 
 
-def store_of(app):
-    return app.extensions["llm_proxy"].store
-
-
 def wait_written(app, count: int, timeout: float = 5.0):
     """Until the writer has written ``count`` rows; the test fails past ``timeout`` seconds."""
     writer = store_of(app).writer
@@ -118,14 +115,6 @@ def wait_written(app, count: int, timeout: float = 5.0):
         if time.monotonic() > deadline:
             pytest.fail(f"the writer wrote {writer.stats()} rows, not {count}, in {timeout} s")
         time.sleep(0.01)
-
-
-def wait_until(predicate, timeout: float = 5.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen in {timeout} s")
-        time.sleep(0.02)
 
 
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:

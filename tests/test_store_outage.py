@@ -17,8 +17,9 @@ import pytest
 
 from app.store.database import head, revision
 from tests import databases
-from tests.store_support import (Apps, admin, all_rows, bearer, create_key, post,
-                                 sample, store_of, wait_until, wait_written)
+from tests.store_helpers import store_of, wait_until
+from tests.store_support import (Apps, admin, all_rows, bearer, create_key, post, sample,
+                                 wait_written)
 from tests.tcp_proxy import CuttableProxy
 
 MOCK = {"name": "mock", "type": "mock", "models": ["mock-model"]}
@@ -86,8 +87,8 @@ def database_check(client) -> dict:
 
 
 def wait_health(client, status, timeout=5.0) -> dict:
-    wait_until(lambda: database_check(client)["status"] == status, timeout,
-               f"/health's database check turning {status}")
+    wait_until(lambda: database_check(client)["status"] == status, timeout=timeout,
+               what=f"/health's database check turning {status}")
     return database_check(client)
 
 
@@ -143,7 +144,7 @@ def test_postgres_cut_with_a_small_queue_counts_what_overflows(behind_proxy, cap
     tcp.restore()
     writer = store_of(app).writer
     wait_until(lambda: writer.stats()["written"] + writer.stats()["dropped"] == 22
-               and writer.stats()["queued"] == 0, 8, "every row written or dropped")
+               and writer.stats()["queued"] == 0, timeout=8, what="every row written or dropped")
     stats = writer.stats()
     # Kept: the 2 written before, the writer's batch in hand (its first row and the queue
     # it drained), and a full queue after it.

@@ -13,9 +13,10 @@ import pytest
 
 from app.store.writer import RETENTION_INTERVAL
 from tests.conftest import FakeClock, provider
+from tests.store_helpers import store_of, wait_until
 from tests.store_support import (MODEL, PRICE, Apps, Wall, admin, all_rows, answer_with,
-                                 bearer, chat, create_key, post, store_of, stream_with, usage,
-                                 utc, wait_until, wait_written)
+                                 bearer, chat, create_key, post, stream_with, usage, utc,
+                                 wait_written)
 from tests.upstream import Reply
 
 OTHER = "gpt-other"

@@ -18,9 +18,10 @@ import requests
 
 from app.providers import Call
 from tests.conftest import live_server, provider, wait_for_calls
+from tests.store_helpers import store_of
 from tests.store_support import (MODEL, PRICE, Apps, Wall, admin, answer_with, bearer, chat,
-                                 create_key, post, priced, sample, store_of, stream_with, usage,
-                                 utc, wait_written)
+                                 create_key, post, priced, sample, stream_with, usage, utc,
+                                 wait_written)
 
 CHEAP = "gpt-cheap"
 CHEAP_PRICE = {"model": CHEAP, "input": 0.25, "output": 1.0, "cached_input": 0.125}
