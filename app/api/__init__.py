@@ -104,7 +104,6 @@ def _price(llm_proxy, trace):
     (nothing, or the summary it made)."""
     if trace.cost is None:
         trace.cost = llm_proxy.prices.cost(trace)
-        trace.cost_usd = trace.cost.usd
     return trace.cost
 
 

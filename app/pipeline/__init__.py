@@ -83,11 +83,14 @@ class Trace:
     # (model, usage) of the calls made for this request besides its answer (the summary)
     side_usage: list[tuple[str, dict]] = field(default_factory=list)
     cost: Cost | None = None  # what all that usage costs at the price table
-    cost_usd: float | None = None
     budget_hold: Hold | None = None  # its reservation against the key's budget
     upstream: Attempts = field(default_factory=Attempts)
     error_code: str | None = None  # the code of the error it was answered with
     bodies: tuple | None = None  # (request, answer) bytes, for a request log that keeps them
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.cost is None else self.cost.usd
 
     def tokens(self) -> int:
         """The tokens the upstream calls made for this request used: its answer (none when it
@@ -236,7 +239,6 @@ class Pipeline:
         if trace.admission is None:
             return  # refused before admission (403, 429)
         cost = trace.cost = self.prices.cost(trace)
-        trace.cost_usd = cost.usd
         hold = trace.budget_hold
         if hold is not None and not hold.day:
             self.budgets.settle(hold, trace.admission.tenant, cost.usd)

@@ -61,8 +61,7 @@ class Store:
         """At start-up; a database that does not answer yet is tried again by the writer (the
         proxy serves meanwhile, with the configuration's keys)."""
         try:
-            migrate(self.engine)
-            self.migrated = True
+            self.ready()
         except Exception as e:  # noqa: BLE001 - any failure: serve, and say so in /health
             log.error("database %s: migrations failed: %s", self.where, failure(e))
             self.writer.last_error = failure(e)
