@@ -200,10 +200,38 @@ class ObservabilitySettings:
     metrics_enabled: bool = True  # /metrics and the per-request counters
     access_log: bool = True  # one line per request on stdout
     access_log_format: str = "json"  # json or text
+    # OpenTelemetry traces (app/observability/tracing.py), sent over OTLP/HTTP; "": off, at no
+    # cost. From the standard variables: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or
+    # OTEL_EXPORTER_OTLP_ENDPOINT with /v1/traces appended.
+    traces_endpoint: str = ""
+    traces_sample_ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG: share of new traces kept
+    service_name: str = "llm-proxy"  # OTEL_SERVICE_NAME
 
     def validate(self, path):
         _check(self.access_log_format in ("json", "text"), f"{path}.access_log_format",
                f"must be json or text, got {self.access_log_format!r}")
+        _check(not self.traces_endpoint or self.traces_endpoint.startswith(("http://", "https://")),
+               f"{path}.traces_endpoint", "must be an http:// or https:// URL")
+        _check(0.0 <= self.traces_sample_ratio <= 1.0, f"{path}.traces_sample_ratio",
+               "must be between 0 and 1")
+
+
+@dataclass
+class ConsoleSettings:
+    """The operator console at ``/console`` (app/console/), signed in with the admin key. Served
+    in development, and in production only when ADMIN_API_KEY is set (``Settings.console_on``)."""
+    enabled: bool = True  # CONSOLE_ENABLED; false: /console is not served
+    # CONSOLE_SESSION_SECRET signs the session cookie; "": a random one per start (workers share
+    # the supervisor's), so a restart signs everyone out
+    session_secret: str = field(default="", repr=False)
+    session_hours: float = 12.0  # CONSOLE_SESSION_HOURS: a sign-in lasts this long
+    refresh_seconds: float = 5.0  # pages refresh their figures this often (JavaScript); 0: never
+    sign_in_attempts: int = 5  # wrong admin keys one address may try per minute
+
+    def validate(self, path):
+        for name in ("session_hours", "sign_in_attempts"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        _check(self.refresh_seconds >= 0, f"{path}.refresh_seconds", "must be 0 (never) or more")
 
 
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")  # USD per million tokens
@@ -625,6 +653,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
     providers: list[ProviderSettings] = field(default_factory=list)
 
@@ -632,6 +661,12 @@ class Settings:
     def max_in_flight(self) -> int:
         """Requests served at once; the threads above it stay free to refuse quickly."""
         return self.routing.max_in_flight or max(1, self.server.threads - max(2, self.server.threads // 8))
+
+    @property
+    def console_on(self) -> bool:
+        """Whether /console is served: in production only with an admin key to sign in with."""
+        return self.console.enabled and (self.environment == "development"
+                                         or bool(self.admin_api_key))
 
     def provider_max_in_flight(self, provider: ProviderSettings) -> int:
         """One provider's bulkhead: a hanging provider cannot take every thread."""
@@ -653,6 +688,7 @@ class Settings:
         self.redis.validate("redis")
         self.database.validate("database")
         self.observability.validate("observability")
+        self.console.validate("console")
         self.pricing.validate("pricing")
         names = set()
         for i, provider in enumerate(self.providers):
@@ -720,6 +756,12 @@ ENV_VARS = {
     "METRICS_ENABLED": ("observability", "metrics_enabled"),
     "ACCESS_LOG_ENABLED": ("observability", "access_log"),
     "ACCESS_LOG_FORMAT": ("observability", "access_log_format"),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("observability", "traces_endpoint"),
+    "OTEL_TRACES_SAMPLER_ARG": ("observability", "traces_sample_ratio"),
+    "OTEL_SERVICE_NAME": ("observability", "service_name"),
+    "CONSOLE_ENABLED": ("console", "enabled"),
+    "CONSOLE_SESSION_SECRET": ("console", "session_secret"),
+    "CONSOLE_SESSION_HOURS": ("console", "session_hours"),
     "PRICING_DEFAULTS": ("pricing", "defaults"),
     "API_KEYS_REQUIRED": ("auth", "api_keys_required"),
     "PROXY_API_KEYS": ("auth", "env_keys"),
@@ -780,12 +822,19 @@ def load_settings(environ=None, config_path=None) -> Settings:
         data["config_path"] = path
     set_by = {}  # field path -> the variable that set it, for error messages
     for var, (section, name) in ENV_VARS.items():
+        if var.startswith("OTEL_") and not environ.get(var, "").strip():
+            continue  # OpenTelemetry's rule: an empty variable is unset (compose passes ${VAR:-})
         if var in environ:
             target = data.setdefault(section, {}) if section else data
             if not isinstance(target, dict):  # the file's section is no mapping: say so
                 raise SettingsError(f"expected a mapping, got {type(target).__name__}", section)
             target[name] = environ[var]
             set_by[_join(section or "", name)] = var
+    otlp = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    # The spec's base URL, unless the traces' own URL is set (an empty one is unset).
+    if otlp and not environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        data.setdefault("observability", {})["traces_endpoint"] = otlp.rstrip("/") + "/v1/traces"
+        set_by["observability.traces_endpoint"] = "OTEL_EXPORTER_OTLP_ENDPOINT"
     if "providers" not in data:
         data["providers"] = default_providers(environ)
     try:

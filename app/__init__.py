@@ -8,13 +8,15 @@ import time
 
 from flask import Flask
 
-from app import api
+from app import api, console
 from app.auth import KeyStore
 from app.cache import Coalescer, caches_for
 from app.cache.condense import Condensation
 from app.cache.responses import ResponseCache
 from app.observability.access_log import AccessLog
 from app.observability.metrics import NullMetrics, ProxyMetrics
+from app.observability.timeline import timeline_for
+from app.observability.tracing import tracing_for
 from app.pipeline import Pipeline
 from app.pipeline.breakers import BreakerBoard
 from app.pipeline.bulkhead import Bulkhead
@@ -45,6 +47,11 @@ class LLMProxy:
         self.metrics = NullMetrics()
         o = settings.observability
         self.access_log = AccessLog(enabled=o.access_log, fmt=o.access_log_format)
+        # The console's last hour, second by second (a stand-in recording nothing while the
+        # console is off); shared through Redis when it is set
+        self.timeline = timeline_for(settings, wall=wall)
+        # OpenTelemetry traces: a stand-in doing nothing unless a traces endpoint is set
+        self.tracing = tracing_for(settings)
         # Every key the proxy knows, scrubbed from whatever any upstream sends back.
         self.secrets = Secrets.from_settings(settings)
         self.providers = [build_provider(p, settings, secrets=self.secrets, clock=clock)
@@ -65,7 +72,7 @@ class LLMProxy:
                              load=lambda name: self.bulkheads[name].in_flight)
         self.prices = PriceTable.from_settings(settings.pricing, router=self.router)
         self.gateway = Gateway(self.router, self.breakers, self.bulkheads, self.admission,
-                               clock=clock,
+                               clock=clock, tracing=self.tracing,
                                keepalive_interval=settings.streaming.keepalive_interval)
         c = settings.cache
         # In-process caches; with Redis they are the small fallback behind the shared ones.
@@ -86,7 +93,7 @@ class LLMProxy:
         self.responses = ResponseCache(self.caches.response, Coalescer(clock=clock), c,
                                        router=self.router, timeout=settings.http_client.deadline)
         self.pipeline = Pipeline(self.limiter, self.responses, self.condensation, self.gateway,
-                                 prices=self.prices, clock=clock,
+                                 prices=self.prices, clock=clock, tracing=self.tracing,
                                  budgets=self.store.ledger if self.store else SpendLedger())
         # The models behind the providers' patterns, asked of their upstreams in the background.
         interval = settings.routing.model_refresh_interval  # 0: never asked
@@ -113,6 +120,7 @@ class LLMProxy:
 
     def close(self):
         self.discovery.close()
+        self.timeline.close()
         self.memory.stop()
         if self.store is not None:
             self.store.close()
@@ -120,6 +128,7 @@ class LLMProxy:
             self.shared.close()
         for adapter in self.providers:
             adapter.close()
+        self.tracing.close()  # the last spans sent, within a bound
 
 
 def create_app(settings: Settings | None = None, *, clock=time.monotonic,
@@ -134,6 +143,8 @@ def create_app(settings: Settings | None = None, *, clock=time.monotonic,
     app.json.sort_keys = False
     llm_proxy = app.extensions["llm_proxy"] = LLMProxy(settings, clock=clock, wall=wall)
     api.register(app)
+    if settings.console_on:  # else nothing under /console is routed: a 404
+        console.register(app)
     if settings.observability.metrics_enabled:
         llm_proxy.attach_metrics(ProxyMetrics(app, llm_proxy))
     llm_proxy.memory.start()

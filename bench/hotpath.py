@@ -52,6 +52,10 @@ CASES = {
     "miss (mock provider), metrics and access log off": {"cache": {"enabled": False},
                                                          "observability": QUIET},
 }
+# Issue 19: the miss with OpenTelemetry traces on, sent to a discarding OTLP receiver on the
+# other core (bench/upstreams/otlp.py): the export thread's work is in these figures too.
+TRACED = {"miss (mock provider), everything on, traces sampled 1%": 0.01,
+          "miss (mock provider), everything on, traces sampled 100%": 1.0}
 
 
 PROMPT = "Say hello to the benchmark, and keep it short: this is only a measurement run."
@@ -159,6 +163,13 @@ def measure(args, procs, tmp) -> dict:
         app = build(extra)
         rows.append({"path": name, "us": round(per_request(app, KEY if "auth" in extra else None,
                                                            args.requests), 1)})
+        report.progress(f"hotpath {name}: {rows[-1]['us']} us")
+        app.extensions["llm_proxy"].close()
+    collector, _ = services.start_upstream(procs, tmp, "otlp", lifetime=3600)
+    for name, ratio in TRACED.items():
+        app = build({"cache": {"enabled": False}, "observability": {
+            "traces_endpoint": collector + "/v1/traces", "traces_sample_ratio": ratio}})
+        rows.append({"path": name, "us": round(per_request(app, None, args.requests), 1)})
         report.progress(f"hotpath {name}: {rows[-1]['us']} us")
         app.extensions["llm_proxy"].close()
     profile_text = None

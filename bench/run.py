@@ -44,7 +44,8 @@ class Scenario:
     ``postgresql`` or ``off``; ``key``: the load's key, ``config`` (the one in ``headers``, from
     PROXY_API_KEYS) or ``database`` (one made with ``POST /admin/keys`` before the load, with a
     budget, so spend tracking and the budget check are on the path; it takes the place of
-    ``BENCH_KEY`` in ``headers``).
+    ``BENCH_KEY`` in ``headers``). ``traces``: the share of new traces the proxy samples, its
+    spans sent to a discarding OTLP/HTTP receiver (bench/upstreams/otlp.py); None: tracing off.
     """
     name: str
     title: str
@@ -58,10 +59,11 @@ class Scenario:
     expect: tuple = ("object", "chat.completion")
     database: str = "sqlite"
     key: str = "config"
+    traces: float | None = None
 
     def profile(self) -> str:
         """What one proxy must share to serve several scenarios (``--one-proxy``)."""
-        return repr((self.proxy_env, self.proxy_config, self.database, self.key))
+        return repr((self.proxy_env, self.proxy_config, self.database, self.key, self.traces))
 
 
 BENCH_KEY = "sk-bench-0123456789abcdef0123"
@@ -163,6 +165,13 @@ SCENARIOS = {s.name: s for s in (
     Scenario("prod-passthrough-config-key", "wrk -> proxy -> nginx, production profile, "
              "database on (SQLite), the configuration's key", providers=_openai_upstream,
              proxy_env=PRODUCTION_ENV, proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH),
+    # Issue 19: what OpenTelemetry traces cost the production pass-through (prod-passthrough:
+    # tracing off), every trace sampled and one in a hundred, sent to a discarding receiver.
+    *(Scenario(name, "wrk -> proxy -> nginx, production profile, traces sampled "
+               f"{ratio:.0%} to a discarding OTLP receiver", providers=_openai_upstream,
+               proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH, traces=ratio, **PRODUCTION)
+      for name, ratio in (("prod-passthrough-traced", 1.0),
+                          ("prod-passthrough-traced-1pct", 0.01))),
     # GC tuning (gc.freeze and thresholds at start-up; off by default) on, to compare with "mock".
     Scenario("mock-gc-on", "wrk -> proxy (mock provider, GC tuning on)", providers=_mock,
              needs_upstream=False, proxy_config=NO_CACHE,
@@ -172,8 +181,8 @@ SCENARIOS = {s.name: s for s in (
              proxy_config=PRODUCTION_CONFIG, headers=BENCH_AUTH, key="database"),
     *_front_end_scenarios(),
 )}
-# A run without --scenarios: the front ends' production variants and the database's
-# comparisons (PostgreSQL needs its server) only when named.
+# A run without --scenarios: the front ends' production variants, the database's comparisons
+# (PostgreSQL needs its server) and the tracing ones only when named.
 DATABASE_OFF = "prod-passthrough-db-off"
 DATABASE_ON = (  # compared with DATABASE_OFF: (label, scenario, a target's key or None)
     ("SQLite", "prod-passthrough", "sqlite"),
@@ -182,7 +191,11 @@ DATABASE_ON = (  # compared with DATABASE_OFF: (label, scenario, a target's key 
 DEFAULT_SCENARIOS = [name for name in SCENARIOS
                      if not (name.startswith("prod-") and name.removeprefix("prod-")
                              in {f[0] for f in FRONT_ENDS})
-                     and name not in ("prod-passthrough-postgres", "prod-passthrough-config-key")]
+                     and name not in ("prod-passthrough-postgres", "prod-passthrough-config-key")
+                     and SCENARIOS[name].traces is None]
+TRACING_OFF = "prod-passthrough"
+TRACED = (("sampled 100%", "prod-passthrough-traced"),
+          ("sampled 1%", "prod-passthrough-traced-1pct"))
 # Rows the database must hold after a proxy's load: at least this share of the requests sent
 # (wrk counts the answers it read; a request cut at the end of a run may be logged or not).
 WRITTEN_SHARE = 0.99
@@ -249,12 +262,15 @@ def configure(p, args) -> None:
 
 def measure(args, procs, tmp) -> dict:
     """Every chosen scenario at every concurrency: the raw numbers and the targets."""
-    rows, memory, writes = [], {}, []
-    upstream = None
+    rows, memory, writes, traces = [], {}, [], []
+    upstream = collector = None
     with contextlib.ExitStack() as cleanup:  # the PostgreSQL databases made, dropped at the end
         if any(SCENARIOS[s].needs_upstream for s in args.scenarios):
             upstream = services.start_nginx(procs, tmp)
-        shared = _one_proxy(args, procs, tmp, upstream, cleanup) if args.one_proxy else None
+        if any(SCENARIOS[s].traces is not None for s in args.scenarios):
+            collector, _ = services.start_upstream(procs, tmp, "otlp", lifetime=24 * 3600)
+        shared = (_one_proxy(args, procs, tmp, upstream, cleanup, collector) if args.one_proxy
+                  else None)
         if shared:
             memory["one proxy"] = {"idle_rss_mb": _rss_mb(shared[0].process.pid)}
         for round_ in range(1, args.rounds + 1):
@@ -262,7 +278,7 @@ def measure(args, procs, tmp) -> dict:
             # then favours no scenario over the one measured next to it.
             for name in args.scenarios if round_ % 2 else reversed(args.scenarios):
                 rows += _measure_scenario(args, procs, tmp, SCENARIOS[name], upstream, memory,
-                                          writes, round_, shared)
+                                          writes, round_, shared, collector, traces)
         if shared:
             memory["one proxy"]["loaded_rss_mb"] = _rss_mb(shared[0].process.pid)
             chosen = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
@@ -275,17 +291,17 @@ def measure(args, procs, tmp) -> dict:
     return {"settings": {"duration_s": args.duration, "warmup_s": args.warmup,
                          "threads": args.threads, "rounds": args.rounds,
                          "one_proxy": args.one_proxy},
-            "rows": rows, "memory": memory, "writes": writes, "medians": _medians(rows),
-            "summary": summary, "targets": _targets(summary),
+            "rows": rows, "memory": memory, "writes": writes, "traces": traces,
+            "medians": _medians(rows), "summary": summary, "targets": _targets(summary),
             "pass": not any(row["errors"] for row in rows)
-            and all(w["complete"] for w in writes)}
+            and all(w["complete"] for w in writes) and all(t["exports"] for t in traces)}
 
 
 def _own_model(scenario) -> str:
     return f"bench-{scenario.name}"
 
 
-def _one_proxy(args, procs, tmp, upstream, cleanup):
+def _one_proxy(args, procs, tmp, upstream, cleanup, collector=None):
     """``--one-proxy``: one proxy serving every chosen scenario, each by a model of its own
     from a provider of its own, so the scenarios compared differ only by their path through
     the proxy, not by the process (each start of a proxy lands a few % faster or slower).
@@ -293,13 +309,17 @@ def _one_proxy(args, procs, tmp, upstream, cleanup):
     chosen = [SCENARIOS[n] for n in args.scenarios if SCENARIOS[n].providers is not None]
     providers = [{**provider, "name": f"{s.name}-{i}", "models": [_own_model(s)]}
                  for s in chosen for i, provider in enumerate(s.providers(upstream))]
-    return _start_proxy(args, procs, tmp, "one-proxy", chosen[0], providers, cleanup)
+    return _start_proxy(args, procs, tmp, "one-proxy", chosen[0], providers, cleanup, collector)
 
 
-def _start_proxy(args, procs, tmp, name, scenario, providers, cleanup):
+def _start_proxy(args, procs, tmp, name, scenario, providers, cleanup, collector=None):
     """A proxy for ``scenario``'s profile and database (a PostgreSQL one made for it, dropped
-    by ``cleanup``), and the key its load goes through: (proxy, key)."""
+    by ``cleanup``), tracing to ``collector`` when the scenario traces, and the key its load
+    goes through: (proxy, key)."""
     env = {**scenario.proxy_env, "ADMIN_API_KEY": ADMIN_KEY}
+    if scenario.traces is not None:  # the standard variables, as an operator would set them
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector,
+                   OTEL_TRACES_SAMPLER_ARG=str(scenario.traces))
     if scenario.database == "off":
         env["DATABASE_ENABLED"] = "false"
     elif scenario.database == "postgresql":
@@ -342,11 +362,14 @@ def _check_writes(proxy, scenario, sent) -> dict | None:
 
 
 def _measure_scenario(args, procs, tmp, scenario, upstream, memory, writes, round_,
-                      shared=None) -> list[dict]:
+                      shared=None, collector=None, traces=None) -> list[dict]:
     """One scenario at every concurrency, with a fresh proxy (or ``shared``, asked for the
     scenario's own model); the RSS of a fresh one (the highest over the rounds) noted in
-    ``memory``, the rows its database wrote in ``writes``."""
+    ``memory``, the rows its database wrote in ``writes``, what a traced one sent to the
+    ``collector`` in ``traces``."""
     name, proxy, url = scenario.name, None, upstream
+    received = (services.collector_counts(collector)
+                if scenario.traces is not None and shared is None else None)
     with contextlib.ExitStack() as cleanup:  # its PostgreSQL database, dropped after
         if shared is not None and scenario.providers is not None:
             proxy, key = shared
@@ -355,7 +378,7 @@ def _measure_scenario(args, procs, tmp, scenario, upstream, memory, writes, roun
             url = proxy.url
         elif scenario.providers is not None:
             proxy, key = _start_proxy(args, procs, tmp, name, scenario,
-                                      scenario.providers(upstream), cleanup)
+                                      scenario.providers(upstream), cleanup, collector)
             scenario, url = _with_key(scenario, key), proxy.url
         target = url + scenario.path
         services.check_answer(target, scenario.body, headers=scenario.headers,
@@ -371,8 +394,21 @@ def _measure_scenario(args, procs, tmp, scenario, upstream, memory, writes, roun
             written = _check_writes(proxy, scenario, 1 + sum(r["sent"] for r in rows))
             if written:
                 writes.append({"scenario": name, "round": round_, **written})
-            procs.stop(proxy.process)
+            procs.stop(proxy.process)  # a graceful stop: its last spans are sent
+            if received is not None:
+                traces.append(_traces_sent(collector, received, name, round_, rows))
     return rows
+
+
+def _traces_sent(collector, before, name, round_, rows) -> dict:
+    """What a traced proxy sent the receiver from its start to its stop (graceful, so its
+    last spans went too): a traced run that exported nothing measured nothing."""
+    after = services.collector_counts(collector)
+    sent = {key: after[key] - before[key] for key in ("exports", "bytes")}
+    if not sent["exports"]:
+        report.progress(f"{name}: **no traces reached the OTLP receiver**")
+    return {"scenario": name, "round": round_, "requests": 1 + sum(r["sent"] for r in rows),
+            **sent}
 
 
 def _measure_row(args, procs, scenario, proxy, target, script, connections) -> dict:
@@ -548,6 +584,7 @@ def render(rep) -> list[str]:
                          f"{_spread(m, 'p50_ms', '.3f')} | {_spread(m, 'p99_ms', '.3f')} |")
     lines += _front_end_lines(rep)
     lines += _database_lines(rep)
+    lines += _tracing_lines(rep)
     lines += _writes_lines(rep)
     lines += ["", "| proxy | idle RSS MB | RSS after load MB |", "| --- | ---: | ---: |"]
     for name, mem in rep["memory"].items():
@@ -585,6 +622,47 @@ def _database_lines(rep) -> list[str]:
             "highest). Targets: >= 90% and <= +0.1 ms.", "",
             "| database | req/s c16, on / off | p50 c1 ms, on - off | round by round |",
             "| --- | ---: | ---: | ---: |", *lines]
+
+
+def _tracing_lines(rep) -> list[str]:
+    """Tracing on (100% and 1% sampled) against off (``TRACING_OFF``) in the same run: req/s
+    at c16 as a share of off's, p50 at c1 less off's (medians, and round by round), and what
+    each traced proxy sent the OTLP receiver."""
+    def median(name, c):
+        return next((m for m in rep["medians"]
+                     if m["scenario"] == name and m["connections"] == c), None)
+    lines = []
+    for label, name in TRACED:
+        on16, off16 = median(name, 16), median(TRACING_OFF, 16)
+        on1, off1 = median(name, 1), median(TRACING_OFF, 1)
+        if not ((on16 and off16) or (on1 and off1)):
+            continue
+        share = (f"{on16['rps']:,.0f} / {off16['rps']:,.0f} = {on16['rps'] / off16['rps']:.1%}"
+                 if on16 and off16 else "-")
+        added = paired = "-"
+        if on1 and off1:
+            added = (f"{on1['p50_ms']:.3f} - {off1['p50_ms']:.3f} = "
+                     f"{on1['p50_ms'] - off1['p50_ms']:+.3f}")
+            difference, (low, high) = paired_p50_difference(rep["rows"], name, TRACING_OFF)
+            paired = f"{difference:+.3f} ({low:+.3f} - {high:+.3f})"
+        lines.append(f"| {label} (`{name}`) | {share} | {added} | {paired} |")
+    if not lines:
+        return []
+    lines = ["", f"Traces on against off (`{TRACING_OFF}`) in the same run, production profile: "
+             "req/s at c16 and p50 at c1 (medians over the rounds), and p50 less tracing "
+             "off's round by round (median, lowest - highest).", "",
+             "| traces | req/s c16, on / off | p50 c1 ms, on - off | round by round |",
+             "| --- | ---: | ---: | ---: |", *lines]
+    sent = rep.get("traces") or []
+    if sent:
+        lines += ["", "What each traced proxy sent the discarding OTLP receiver, start to stop "
+                  "(requests: wrk's answered requests, warm-ups included).", "",
+                  "| scenario | round | requests | exports | KB |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {t['scenario']}{'' if t['exports'] else ' **FLAGGED: no traces**'} | "
+                  f"{t['round']} | {t['requests']:,} | {t['exports']:,} | "
+                  f"{t['bytes'] / 1024:,.0f} |" for t in sent]
+    return lines
 
 
 def _writes_lines(rep) -> list[str]:

@@ -266,7 +266,9 @@ def start_proxy_env(procs: ProcessSet, tmp: str, name: str, config: dict, *, env
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     from settings import ENV_VARS
-    proxy_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    # Nor OpenTelemetry's (OTEL_*): a scenario traces only when it says so.
+    proxy_env = {k: v for k, v in os.environ.items()
+                 if k not in ENV_VARS and not k.startswith("OTEL_")}
     database_dir = tempfile.mkdtemp(prefix=f"db-{name}-", dir=tmp)
     proxy_env.update({"PROXY_CONFIG": config_path, "HOST": "127.0.0.1", "PORT": str(port),
                       "PYTHONUNBUFFERED": "1",
@@ -321,6 +323,13 @@ def store_counts(url: str, admin_key: str) -> dict:
     return {"spend_requests": total["requests"], "cost_usd": total["cost_usd"],
             "written": writer.get("written"), "dropped": writer.get("dropped"),
             "queued": writer.get("queued"), "backend": writer.get("backend")}
+
+
+def collector_counts(url: str) -> dict:
+    """What the discarding OTLP receiver (bench/upstreams/otlp.py) took so far: its exports
+    (POST /v1/traces) and their bytes."""
+    _, body = request(url + "/stats")
+    return json.loads(body)
 
 
 def tail(path, lines=10) -> str:

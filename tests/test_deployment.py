@@ -42,7 +42,8 @@ HOST_KEY = HOST_KEYS.split(":", 1)[1]  # a client key: production's /metrics wan
 SCRAPE_KEY = "test-scrape-key-0123456789"  # METRICS_SCRAPE_KEY, Prometheus's in compose
 ADMIN_KEY = "test-admin-key-0123456789"  # ADMIN_API_KEY: /admin/* and /debug/*
 # Read by the proxy besides settings.ENV_VARS: the config path and the default providers' keys.
-OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
+OTHER_PROXY_VARS = {"PROXY_CONFIG", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT"}
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
 WAIT = 20.0  # the longest any wait for a process here may take
 

@@ -19,6 +19,7 @@ from settings import ANONYMOUS
 log = logging.getLogger("llm_proxy.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes: no access log line
+_UNTRACED = (*_QUIET_PATHS, "/console")  # nor a span: the console refreshes every few seconds
 _PROXIED = ("openai.chat_completions", "openai.completions", "openai.embeddings",
             "anthropic.messages", "responses.create")  # the views that call a provider
 
@@ -47,10 +48,14 @@ def _start_request():
     llm_proxy = proxy()
     incoming = request.headers.get("X-Request-ID", "")
     started = llm_proxy.clock()
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    tracing = llm_proxy.tracing
     g.request = Request(
-        id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+        id=request_id,
         started=started,
-        deadline=started + llm_proxy.settings.http_client.deadline)
+        deadline=started + llm_proxy.settings.http_client.deadline,
+        span=tracing.server_span(request, request_id)
+        if tracing.enabled and not request.path.startswith(_UNTRACED) else None)
     disconnected = request.environ.get("waitress.client_disconnected")
     if disconnected is not None:
         g.request = replace(g.request, client_disconnected=disconnected)
@@ -164,9 +169,9 @@ def _client_key(headers) -> str:
 
 def _finished(llm_proxy, req, trace, method, path, rule, status, streamed, proxied=False,
               cost=None, overhead=None):
-    """After the last byte (of a stream too): the request's metrics, access log line and
-    request log row; a proxied stream's cost (``cost`` None: its usage came with its last
-    events)."""
+    """After the last byte (of a stream too): the request's metrics, access log line, request
+    log row and trace span; a proxied stream's cost (``cost`` None: its usage came with its
+    last events)."""
     seconds = llm_proxy.clock() - req.started
     llm_proxy.metrics.http_request(method, rule, status, seconds)
     if path.startswith(_QUIET_PATHS):
@@ -177,11 +182,14 @@ def _finished(llm_proxy, req, trace, method, path, rule, status, streamed, proxi
             cost = _price(llm_proxy, trace)
         key_id = req.tenant.id if req.tenant else ANONYMOUS
         llm_proxy.metrics.answer_cost(key_id, trace, cost)
+        llm_proxy.timeline.record(status, seconds, overhead, trace, cost.usd)  # the console's
         if llm_proxy.store is not None:
             llm_proxy.store.record(req, trace, endpoint=rule, status=status, seconds=seconds,
                                    overhead_ms=overhead, streamed=streamed)
     llm_proxy.access_log.record(req, trace, method=method, path=path, status=status,
                                 total_ms=seconds * 1000)
+    if req.span is not None:  # its trace span ends here, after the last byte
+        llm_proxy.tracing.end_request(req, trace, status)
 
 
 def error_response(error: ProxyError) -> Response:

@@ -22,12 +22,13 @@ steps return, read by the headers, the access log and the metrics). It gets back
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from app.cache.responses import BYPASS, HIT, MISS, STALE, PROVIDER_FAILURES
-from app.errors import UpstreamClientError
+from app.errors import ProxyError, UpstreamClientError
+from app.observability.tracing import NULL_TRACING
 from app.providers import Reply
 
 if TYPE_CHECKING:  # types only
@@ -52,16 +53,23 @@ class Request:
     tenant: Tenant | None = None  # the API key's tenant (None on routes without a key)
     # The key the client presented ("" for none): scrubbed from upstream text (app/upstream)
     client_key: str = field(default="", repr=False, compare=False)
+    # Its trace span (app/observability/tracing.py): the parent of the steps' and attempts'
+    # spans; None when tracing is off or the path is a probe. Passed here, not in contextvars:
+    # a stream's generator resumes across next() calls.
+    span: object = field(default=None, repr=False, compare=False)
 
 
 class Attempts:
     """The upstream attempts one request made (retries and fallbacks), and the time they took:
-    counted by whoever makes them (the HTTP client, the mock provider)."""
-    __slots__ = ("count", "seconds")
+    counted by whoever makes them (the HTTP client, the mock provider). ``span``: the trace span
+    of the attempt in progress, set by the gateway, whose context the HTTP client sends
+    upstream (``traceparent``); None when nothing is traced."""
+    __slots__ = ("count", "seconds", "span")
 
     def __init__(self):
         self.count = 0
         self.seconds = 0.0
+        self.span = None
 
     def record(self, seconds: float = 0.0) -> None:
         self.count += 1
@@ -110,7 +118,8 @@ class Trace:
 class Pipeline:
     """The one sequence every request goes through; each step is a component of its own."""
 
-    def __init__(self, limiter, responses, condensation, gateway, *, prices, budgets, clock):
+    def __init__(self, limiter, responses, condensation, gateway, *, prices, budgets, clock,
+                 tracing=NULL_TRACING):
         self.limiter = limiter  # RateLimiter
         self.responses = responses  # ResponseCache
         self.condensation = condensation  # Condensation
@@ -118,6 +127,7 @@ class Pipeline:
         self.prices = prices  # PriceTable
         self.budgets = budgets  # SpendLedger (app/store/spend.py)
         self.clock = clock
+        self.tracing = tracing  # the steps' spans (app/observability/tracing.py)
 
     def complete(self, call, request: Request, trace: Trace, cache_control: str = "") -> Reply:
         """A whole answer."""
@@ -125,7 +135,7 @@ class Pipeline:
             key, policy = self._admit(call, request, trace, cache_control)
             if key is None:
                 return self._send(call, request, trace)
-            entry = self.responses.lookup(key, policy)
+            entry = self._lookup(key, policy, request)
             if entry is not None:
                 trace.served_from_cache(HIT, entry, self.clock())
                 return Reply(entry.value)
@@ -150,7 +160,7 @@ class Pipeline:
         """An iterable of SSE events; it fails before its first event when it fails early."""
         try:
             key, policy = self._admit(call, request, trace, cache_control)
-            entry = self.responses.lookup(key, policy) if key is not None else None
+            entry = self._lookup(key, policy, request) if key is not None else None
             if entry is not None:
                 trace.served_from_cache(HIT, entry, self.clock())
                 events = relay = self.responses.replay(call, entry)
@@ -196,6 +206,15 @@ class Pipeline:
         trace.cache = BYPASS if key is None or not policy.read else MISS
         return key, policy
 
+    def _lookup(self, key, policy, request):
+        """The lookup step: the fresh answer stored under ``key``, or None; a span of its own
+        when the request is traced and the cache is read."""
+        span = self.tracing.step(request.span, "cache lookup") if policy.read else None
+        entry = self.responses.lookup(key, policy)
+        if span is not None:
+            self.tracing.end_step(span, {"llm_proxy.cache.hit": entry is not None})
+        return entry
+
     def _send(self, call, request, trace, *, store=None) -> Reply:
         """Route a whole answer; keep it under the cache key ``store`` when there is one."""
         reply = self._route(self.gateway.complete, call, request, trace)
@@ -209,19 +228,40 @@ class Pipeline:
         route once more if the upstream refused the chat as too long. The summaries made for
         it are charged with it (``side_usage``); a whole answer says whether its usage is an
         estimate (a stream says so when it ends: ``_settle_stream``)."""
-        call, trace.condensed, spent = self.condensation.prepared(call, request, trace.upstream)
+        call, trace.condensed, spent = self._condense(self.condensation.prepared, call, request,
+                                                      trace)
         trace.side_usage.extend(spent)
         try:
             answer = route(call, request, trace.upstream)
         except UpstreamClientError as e:
             trace.provider = e.provider
-            call, trace.condensed, spent = self.condensation.retried(
-                call, request, trace.upstream, e)
+            call, trace.condensed, spent = self._condense(self.condensation.retried, call,
+                                                          request, trace, e)
             trace.side_usage.extend(spent)
             answer = route(call, request, trace.upstream)
         if isinstance(answer, Reply):
             trace.usage_estimated = answer.usage_estimated
         return answer
+
+    def _condense(self, condense, call, request, trace, *refused):
+        """The condense step: ``condense`` (the condensation's ``prepared``, or its ``retried``
+        of the chat the upstream ``refused``). When the request is traced, a span of its own,
+        the parent of the summary's upstream calls; kept only when the chat was condensed (or
+        its summary failed), so a chat under the threshold leaves no trace."""
+        span = (self.tracing.step(request.span, "condense")
+                if call.endpoint == "chat" and self.condensation.enabled else None)
+        if span is None:
+            return condense(call, request, trace.upstream, *refused)
+        try:
+            call, mode, spent = condense(call, replace(request, span=span), trace.upstream,
+                                         *refused)
+        except ProxyError as e:
+            if e not in refused:  # the summary failed (not the refusal, raised as it was)
+                self.tracing.end_step(span, error=e)
+            raise
+        if mode:
+            self.tracing.end_step(span, {"llm_proxy.condensed": mode})
+        return call, mode, spent
 
     def _settle_stream(self, trace, relay) -> None:
         """A stream's usage, known once it ended (the relay's: the upstream's, or estimated

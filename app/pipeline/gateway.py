@@ -22,6 +22,7 @@ from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, Upstream
                         UpstreamTimeout)
 from app import protocols
 from app.observability.metrics import NullMetrics
+from app.observability.tracing import NULL_TRACING
 from app.pipeline.breakers import concerns_provider
 from app.sse import KEEPALIVE
 
@@ -43,8 +44,10 @@ class Gateway:
     """The one place that decides which provider answers, and what happens when one fails."""
 
     def __init__(self, router, breakers, bulkheads, admission, *, clock=time.monotonic,
-                 metrics=None, keepalive_interval: float = 0.0):
+                 metrics=None, keepalive_interval: float = 0.0, tracing=NULL_TRACING):
         self.metrics = metrics or NullMetrics()
+        # Each attempt's span, and the skips and fallbacks as events of the request's span.
+        self.tracing = tracing
         self.keepalive_interval = keepalive_interval  # seconds of quiet before ": keepalive"
         self.router = router
         self.breakers = breakers  # BreakerBoard
@@ -59,19 +62,25 @@ class Gateway:
         self._admit_request()
         try:
             failures, unavailable = [], []
-            for adapter, model, retry in self._attempts(call, unavailable):
+            for adapter, model, retry in self._attempts(call, unavailable, request):
                 outcome, started = NEUTRAL, self.clock()
+                attempt = self.tracing.attempt(request, adapter, model, call, attempts, failures)
                 try:
                     reply = protocols.send(adapter, call, model, request, attempts, retry=retry)
                     outcome = SUCCESS
                     reply.provider = adapter.name
+                    attempt.answered(reply)
                     return reply
                 except UpstreamError as e:
                     outcome = e
                     failures.append(e)
                     log.warning("request %s: %s; trying the next provider", request.id, e.message)
+                except BaseException as e:  # the client's own 4xx, a disconnect: traced as such
+                    attempt.end(e)
+                    raise
                 finally:
                     self._settle(adapter, model, outcome, self.clock() - started)
+                    attempt.end(outcome)
             raise self._exhausted(call, failures, unavailable)
         finally:
             self.admission.release()
@@ -86,18 +95,21 @@ class Gateway:
         """
         self._admit_request()
         try:
-            adapter, model, first, events, latency = self._open_stream(call, request, attempts)
+            adapter, model, first, events, latency, attempt = self._open_stream(call, request,
+                                                                                attempts)
         except BaseException:
             self.admission.release()
             raise
         return StreamRelay(first, events, request, adapter.name, call.endpoint,
-                           lambda outcome: self._end_stream(adapter, model, outcome, latency),
-                           self._orphans, self.clock, self.keepalive_interval)
+                           lambda outcome: self._end_stream(adapter, model, outcome, latency,
+                                                            attempt),
+                           self._orphans, self.clock, self.keepalive_interval, attempt.tail)
 
     def _open_stream(self, call, request, attempts):
         failures, unavailable = [], []
-        for adapter, model, retry in self._attempts(call, unavailable):
+        for adapter, model, retry in self._attempts(call, unavailable, request):
             events, started = None, self.clock()
+            attempt = self.tracing.attempt(request, adapter, model, call, attempts, failures)
             try:
                 events = protocols.stream(adapter, call, model, request, attempts, retry=retry)
                 first = self._first_event(events, started)
@@ -106,14 +118,18 @@ class Gateway:
                                       provider=adapter.name, kind="truncated")
             except UpstreamError as e:
                 error = e
-            except BaseException:
+            except BaseException as e:
                 self._settle(adapter, model, NEUTRAL, self.clock() - started)
+                attempt.end(e)
                 raise
             else:
-                return adapter, model, first, events, self.clock() - started
+                latency = self.clock() - started
+                attempt.streaming(first, events, latency)  # its span ends with the relay
+                return adapter, model, first, events, latency, attempt
             if events is not None:
                 events.close()
             self._settle(adapter, model, error, self.clock() - started)
+            attempt.end(error)
             failures.append(error)
             log.warning("request %s: %s; trying the next provider", request.id, error.message)
         raise self._exhausted(call, failures, unavailable)
@@ -128,19 +144,23 @@ class Gateway:
             event = next(events)
         return event
 
-    def _attempts(self, call, unavailable):
+    def _attempts(self, call, unavailable, request):
         """(adapter, model, retry) for the candidates that may be tried now, in order, each
-        holding its slots; the ones skipped are noted in ``unavailable``. ``retry``: only the
-        last candidate may retry in place (with another left, falling back beats waiting)."""
+        holding its slots; the ones skipped are noted in ``unavailable`` (and as events of the
+        request's span). ``retry``: only the last candidate may retry in place (with another
+        left, falling back beats waiting)."""
         candidates = self.router.candidates(call.body["model"], call.endpoint)
         last = candidates[-1][0]
         for adapter, model in candidates:
             if self._acquire(adapter, model, unavailable):
                 yield adapter, model, adapter is last
+            else:
+                self.tracing.skipped(request, unavailable[-1])
 
-    def _end_stream(self, adapter, model, outcome, latency):
+    def _end_stream(self, adapter, model, outcome, latency, attempt):
         self._settle(adapter, model, outcome, latency)
         self.admission.release()
+        attempt.end(outcome, cancelled=outcome is NEUTRAL)
 
     def _admit_request(self):
         while self._orphans:
@@ -270,15 +290,16 @@ class StreamRelay:
     """
 
     def __init__(self, first, events, request, provider, endpoint, on_end, orphans,
-                 clock=time.monotonic, keepalive_interval=0.0):
+                 clock=time.monotonic, keepalive_interval=0.0, tail=None):
         self.provider = provider
         self._on_end = on_end
         self._orphans = orphans
         self._events = events  # the adapter's ProviderStream: the usage travels beside it
         self._result = [NEUTRAL]  # the outcome, written by the generator
         self._ended = False
+        # ``tail``: where the relay keeps the last events, for a traced attempt's span
         self._gen = _relay_events(first, events, request, provider, endpoint, self._result,
-                                  clock, keepalive_interval)
+                                  clock, keepalive_interval, tail)
 
     @property
     def usage(self) -> dict | None:
@@ -316,12 +337,14 @@ class StreamRelay:
             self._on_end(self._result[0])
 
 
-def _relay_events(first, events, request, provider, endpoint, result, clock, keepalive_interval):
+def _relay_events(first, events, request, provider, endpoint, result, clock, keepalive_interval,
+                  tail=None):
     """Yield the stream's events; ``result[0]`` ends as SUCCESS, NEUTRAL or the UpstreamError;
     a failure ends the stream with the error event of ``endpoint``'s protocol.
 
     ``KEEPALIVE`` from below means the upstream gave nothing for the client: it goes out only
-    when the client has had nothing for ``keepalive_interval`` (0: never).
+    when the client has had nothing for ``keepalive_interval`` (0: never). ``tail`` (a bounded
+    deque, or None): where each event relayed is kept, for a traced attempt's finish reasons.
     """
     try:
         yield first
@@ -333,6 +356,8 @@ def _relay_events(first, events, request, provider, endpoint, result, clock, kee
                 if not keepalive_interval or clock() - sent < keepalive_interval:
                     continue
             sent = clock()
+            if tail is not None and event is not KEEPALIVE:
+                tail.append(event)
             yield event
         result[0] = SUCCESS
     except UpstreamError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -331,8 +332,13 @@ def supervise(settings, environ: dict) -> int:
         # The workers import the app as this process did, from any working directory (which
         # they keep: a relative config or database path means the same to them).
         path = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+        env = {**environ, "PORT": str(port), "PYTHONPATH": path}
+        if settings.console_on and not settings.console.session_secret:
+            # One console session secret for every worker, new each start: a cookie signed by
+            # one worker is good at the others, whichever the kernel hands the next request.
+            env["CONSOLE_SESSION_SECRET"] = secrets.token_urlsafe(32)
         supervisor = Supervisor([sys.executable, "-m", "app.runtime.workers"], server.workers,
-                                env={**environ, "PORT": str(port), "PYTHONPATH": path},
+                                env=env,
                                 state=state,
                                 stop_timeout=server.shutdown_grace + STOP_MARGIN)
         log.warning("supervising %d workers on %s", supervisor.workers,

@@ -2,6 +2,8 @@
 
 ``post`` answers with the proxy's own ``UpstreamResponse`` (app/upstream.py, where every
 requests/urllib3 exception becomes the proxy's error): adapters never see a requests type.
+When the request is traced, every try carries the attempt's W3C ``traceparent``, and each retry
+is an event of the attempt's span (app/observability/tracing.py).
 Retries happen only where the upstream cannot have started generating: a connection that was
 never made, or an answer of 429/502/503/504 (the upstream refused; nothing is being billed);
 and only on a request's last candidate provider: with another one left, the gateway falls back
@@ -21,6 +23,7 @@ from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 
 from app.errors import UpstreamError, UpstreamTimeout
+from app.observability.tracing import note_retry, trace_headers
 from app.upstream import UpstreamResponse, failed_request, retry_after_seconds
 from app.upstream.secrets import Secrets
 from settings import StreamingSettings
@@ -93,6 +96,9 @@ class HttpClient:
         self._expire_idle_connections()
         if stream:  # relay bytes as they come: no compression to undo
             headers = {**headers, "Accept-Encoding": "identity"}
+        span = attempts.span  # the attempt's trace span: its context goes on to the provider
+        if span is not None:
+            headers = {**headers, **trace_headers(span)}
         # With another provider left to try, falling back beats waiting to retry this one.
         tries = self.settings.retry_attempts + 1 if retry else 1
         deadline = request.deadline
@@ -123,6 +129,8 @@ class HttpClient:
                 delay = self._can_retry(attempt, tries, deadline, None) if error.retryable else None
                 if delay is None:
                     raise error from None
+                if span is not None:
+                    note_retry(span, attempt + 1, error.kind, delay)
                 self._sleep(delay)
                 continue
             except UpstreamError:
@@ -134,6 +142,8 @@ class HttpClient:
                 delay = self._can_retry(attempt, tries, deadline, answer)
                 if delay is not None:
                     answer.close()
+                    if span is not None:
+                        note_retry(span, attempt + 1, str(status), delay)
                     self._sleep(delay)
                     continue
             return answer

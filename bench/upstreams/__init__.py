@@ -4,7 +4,8 @@
 
 - ``sse``: a streaming OpenAI-compatible upstream (asyncio, keep-alive, chunked SSE);
 - ``hang``: accepts every connection, reads, never answers (a provider that hangs);
-- ``hostile``: answers by the model asked: a gzip bomb, a giant body, endless streams.
+- ``hostile``: answers by the model asked: a gzip bomb, a giant body, endless streams;
+- ``otlp``: an OTLP/HTTP trace receiver that counts and discards what traced proxies send.
 """
 
 import json
