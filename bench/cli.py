@@ -26,7 +26,8 @@ import tempfile
 
 from bench import machine, report, services
 
-COMMANDS = ("run", "streaming", "reliability", "soak", "scaleout", "hotpath", "hostile")
+COMMANDS = ("run", "streaming", "reliability", "soak", "scaleout", "hotpath", "hostile",
+            "console")
 
 
 def names(known):

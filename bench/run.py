@@ -592,17 +592,17 @@ def render(rep) -> list[str]:
     return lines
 
 
-def _database_lines(rep) -> list[str]:
-    """Each database-on scenario against the database off, measured in the same run: req/s at
-    c16 as a share of the database off's, and p50 at c1 less its (medians; and round by round,
-    the median of the differences and their range)."""
+def _against_lines(rep, pairs, baseline: str) -> list[str]:
+    """A table row per (label, scenario) of ``pairs`` against ``baseline``, measured in the same
+    run: req/s at c16 as a share of the baseline's, and p50 at c1 less its (medians; and round
+    by round, the median of the differences and their range)."""
     def median(name, c):
         return next((m for m in rep["medians"]
                      if m["scenario"] == name and m["connections"] == c), None)
     lines = []
-    for label, name, _ in DATABASE_ON:
-        on16, off16 = median(name, 16), median(DATABASE_OFF, 16)
-        on1, off1 = median(name, 1), median(DATABASE_OFF, 1)
+    for label, name in pairs:
+        on16, off16 = median(name, 16), median(baseline, 16)
+        on1, off1 = median(name, 1), median(baseline, 1)
         if not ((on16 and off16) or (on1 and off1)):
             continue
         share = (f"{on16['rps']:,.0f} / {off16['rps']:,.0f} = {on16['rps'] / off16['rps']:.1%}"
@@ -611,9 +611,15 @@ def _database_lines(rep) -> list[str]:
         if on1 and off1:
             added = (f"{on1['p50_ms']:.3f} - {off1['p50_ms']:.3f} = "
                      f"{on1['p50_ms'] - off1['p50_ms']:+.3f}")
-            difference, (low, high) = paired_p50_difference(rep["rows"], name, DATABASE_OFF)
+            difference, (low, high) = paired_p50_difference(rep["rows"], name, baseline)
             paired = f"{difference:+.3f} ({low:+.3f} - {high:+.3f})"
         lines.append(f"| {label} (`{name}`) | {share} | {added} | {paired} |")
+    return lines
+
+
+def _database_lines(rep) -> list[str]:
+    """Each database-on scenario against the database off."""
+    lines = _against_lines(rep, [(label, name) for label, name, _ in DATABASE_ON], DATABASE_OFF)
     if not lines:
         return []
     return ["", f"The database on against off (`{DATABASE_OFF}`, the configuration's key) in "
@@ -625,27 +631,9 @@ def _database_lines(rep) -> list[str]:
 
 
 def _tracing_lines(rep) -> list[str]:
-    """Tracing on (100% and 1% sampled) against off (``TRACING_OFF``) in the same run: req/s
-    at c16 as a share of off's, p50 at c1 less off's (medians, and round by round), and what
-    each traced proxy sent the OTLP receiver."""
-    def median(name, c):
-        return next((m for m in rep["medians"]
-                     if m["scenario"] == name and m["connections"] == c), None)
-    lines = []
-    for label, name in TRACED:
-        on16, off16 = median(name, 16), median(TRACING_OFF, 16)
-        on1, off1 = median(name, 1), median(TRACING_OFF, 1)
-        if not ((on16 and off16) or (on1 and off1)):
-            continue
-        share = (f"{on16['rps']:,.0f} / {off16['rps']:,.0f} = {on16['rps'] / off16['rps']:.1%}"
-                 if on16 and off16 else "-")
-        added = paired = "-"
-        if on1 and off1:
-            added = (f"{on1['p50_ms']:.3f} - {off1['p50_ms']:.3f} = "
-                     f"{on1['p50_ms'] - off1['p50_ms']:+.3f}")
-            difference, (low, high) = paired_p50_difference(rep["rows"], name, TRACING_OFF)
-            paired = f"{difference:+.3f} ({low:+.3f} - {high:+.3f})"
-        lines.append(f"| {label} (`{name}`) | {share} | {added} | {paired} |")
+    """Tracing on (100% and 1% sampled) against off (``TRACING_OFF``), and what each traced
+    proxy sent the OTLP receiver."""
+    lines = _against_lines(rep, TRACED, TRACING_OFF)
     if not lines:
         return []
     lines = ["", f"Traces on against off (`{TRACING_OFF}`) in the same run, production profile: "

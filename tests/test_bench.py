@@ -73,5 +73,5 @@ def test_every_command_has_help():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     for command in ("run", "streaming", "reliability", "soak", "scaleout", "hotpath",
-                    "hostile"):
+                    "hostile", "console"):
         assert command in done.stdout

@@ -40,12 +40,11 @@ def browser():
         yield chromium
 
 
-@pytest.fixture
-def proxy(tmp_path, upstream):
-    """A live proxy like ``make run`` with the README's admin key, the database in a temporary
-    SQLite file, the cache on, the console refreshing twice a second, and a second provider
-    (``flaky``, a loopback upstream) whose breaker opens at its first failure."""
-    settings = build_settings({
+def settings_of(tmp_path, upstream, **sections):
+    """``make run``'s settings with the README's admin key, the database in a temporary SQLite
+    file, the cache on, and a second provider (``flaky``, a loopback upstream) whose breaker
+    opens at its first failure; ``sections`` over those."""
+    return build_settings({
         "admin_api_key": ADMIN,
         "providers": [{"name": "mock", "type": "mock", "models": ["mock-model"]},
                       provider(upstream.url, "flaky", models=["flaky-model"])],
@@ -53,10 +52,15 @@ def proxy(tmp_path, upstream):
         "cache": {"enabled": True},
         "circuit_breaker": {"failure_threshold": 1, "recovery_timeout": 300},
         "http_client": {"retry_attempts": 0, "backoff_base": 0.0},
-        "console": {"refresh_seconds": 0.25},
         "observability": {"access_log": False},
+        **sections,
     })
-    app = create_app(settings)
+
+
+@pytest.fixture
+def proxy(tmp_path, upstream):
+    """A live proxy (``settings_of``) whose console refreshes four times a second."""
+    app = create_app(settings_of(tmp_path, upstream, console={"refresh_seconds": 0.25}))
     try:
         with live_server(app) as base:
             yield base
@@ -302,16 +306,8 @@ def test_an_hours_traffic_with_an_incident_charts_on_the_overview(browser, tmp_p
 
     wall = Wall(3600)
     with FakeUpstream(default=flaky) as upstream:
-        settings = build_settings({
-            "admin_api_key": ADMIN,
-            "providers": [{"name": "mock", "type": "mock", "models": ["mock-model"]},
-                          provider(upstream.url, "flaky", models=["flaky-model"])],
-            "database": sqlite_section(tmp_path / "proxy.db"),
-            "cache": {"enabled": True},
-            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": 0.05},
-            "http_client": {"retry_attempts": 0, "backoff_base": 0.0},
-            "observability": {"access_log": False},
-        })
+        settings = settings_of(tmp_path, upstream, circuit_breaker={
+            "failure_threshold": 3, "recovery_timeout": 0.05})
         app = create_app(settings, wall=wall)
         try:
             with live_server(app) as base, requests.Session() as client:
