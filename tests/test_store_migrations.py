@@ -69,13 +69,28 @@ def test_an_empty_database_migrates_to_the_schema_of_the_code(engine):
     assert revision(engine) is None and tables(engine) == set()
     assert migrate(engine) == head()
     assert revision(engine) == head()
-
-    # the migrations make exactly the tables, columns, types and indexes of app/store/schema.py
-    # (Alembic's autogenerate finds nothing to add; server defaults it compares wrongly on SQLite)
     assert tables(engine) == set(schema.metadata.tables) == STORE_TABLES
+    assert compared_with_the_code(engine) == []
+
+
+def test_the_migrations_from_empty_make_the_schema_an_empty_database_gets(engine):
+    """Start-up makes an empty database's tables from app/store/schema.py without Alembic;
+    the migrations, run one by one from empty, make exactly the same tables, columns, types
+    and indexes (Alembic's autogenerate finds nothing to add)."""
+    with statements() as seen:
+        assert migrate(engine, "0001") == "0001"  # no longer empty: Alembic from here on
+        assert migrate(engine) == head()
+    assert any(s.startswith("UPDATE ALEMBIC_VERSION") for s in seen)  # Alembic ran them
+    assert revision(engine) == head() and tables(engine) == STORE_TABLES
+    assert compared_with_the_code(engine) == []
+
+
+def compared_with_the_code(engine) -> list:
+    """What Alembic's autogenerate would change to reach app/store/schema.py (server defaults
+    it compares wrongly on SQLite)."""
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, schema.metadata) == []
+        return compare_metadata(context, schema.metadata)
 
 
 def test_a_database_of_the_previous_schema_keeps_its_keys(engine, apps, database):
@@ -203,3 +218,21 @@ def test_a_process_whose_schema_is_current_never_imports_alembic(database, engin
                           timeout=60, env=cli_environ(database))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_process_that_makes_a_new_database_never_imports_alembic(database, engine):
+    """A new database is made from the code's schema: Alembic (with Mako and Pygments, about
+    10 MB) stays out of the process that makes it, and so does the SQLAlchemy dialect of the
+    other database (PostgreSQL's, about 2 MB, in a process on SQLite)."""
+    unused = ["alembic", "mako", "pygments"]
+    if engine.dialect.name == "sqlite":
+        unused.append("sqlalchemy.dialects.postgresql")
+    code = ("import sys; from app import create_app; from tests.store_helpers import "
+            f"settings_for; app = create_app(settings_for({database!r})); "
+            "app.extensions['llm_proxy'].close(); "
+            f"print([m for m in {unused!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=cli_environ(database))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert revision(engine) == head() and tables(engine) == STORE_TABLES

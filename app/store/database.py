@@ -12,12 +12,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from app.errors import InvalidRequest, StoreUnavailable
+from app.store import schema
 from app.store.schema import HEAD
 
 log = logging.getLogger("llm_proxy.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
 # One lock id for every proxy on a PostgreSQL server: migrations run one process at a time.
 _MIGRATION_LOCK = 0x6C6C6D70  # "llmp"
+VERSION_TABLE = "alembic_version"  # where Alembic keeps the revision
 
 
 def engine_for(settings) -> sa.Engine:
@@ -82,15 +84,24 @@ def revision(engine: sa.Engine) -> str | None:
     """The schema revision the database is at (None: empty). Read with one query, so a process
     whose schema is current never imports Alembic (about 9 MB of memory)."""
     with engine.connect() as connection:
-        if not sa.inspect(connection).has_table("alembic_version"):
-            return None
-        return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        return _revision(connection)
+
+
+def _revision(connection) -> str | None:
+    if not sa.inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar()
 
 
 def migrate(engine: sa.Engine, target: str = "head") -> str | None:
     """Upgrade (or downgrade, for a revision below the current one) the schema to ``target``;
     nothing to do costs one query. On PostgreSQL an advisory lock makes processes that start
-    together migrate one after the other; on SQLite the file's write lock does."""
+    together migrate one after the other; on SQLite the file's write lock does.
+
+    An empty database brought to the head gets the code's tables at once, stamped with the
+    head revision, without Alembic: every new install and every fresh SQLite file would
+    otherwise import Alembic, Mako and Pygments (about 10 MB for the life of the process) to
+    run migrations that make the same tables (a test compares both schemas)."""
     wanted = head() if target == "head" else target
     if revision(engine) == wanted:
         return wanted
@@ -102,25 +113,49 @@ def migrate(engine: sa.Engine, target: str = "head") -> str | None:
             # The driver would begin the transaction only at the first INSERT, after the
             # revision is read and the tables made: take the file's write lock first.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        # Alembic only now, with a migration to run (its import costs memory for good)
-        from alembic import command
-        from alembic.config import Config
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-
-        current = MigrationContext.configure(connection).get_current_revision()
-        if current != wanted:
-            log.warning("database schema %s -> %s", current or "empty", wanted)
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            config.attributes["connection"] = connection
-            scripts = ScriptDirectory(str(MIGRATIONS))
-            if current is not None and any(r.revision == wanted for r in
-                                           scripts.iterate_revisions(current, "base")):
-                command.downgrade(config, wanted)
-            else:
-                command.upgrade(config, wanted)
+        current = _revision(connection)  # again under the lock: another process may have
+        if current == wanted:  # migrated it meanwhile
+            return wanted
+        log.warning("database schema %s -> %s", current or "empty", wanted)
+        if current is None and wanted == HEAD and not _tables(connection):
+            _create_at_head(connection)
+        else:
+            _run_migrations(connection, current, wanted)
     return wanted
+
+
+def _tables(connection) -> set[str]:
+    """The store's tables and Alembic's that the database has (none: it is empty)."""
+    ours = set(schema.metadata.tables) | {VERSION_TABLE}
+    return set(sa.inspect(connection).get_table_names()) & ours
+
+
+def _create_at_head(connection) -> None:
+    """The code's tables and indexes in an empty database, and Alembic's version table saying
+    they are at the head (the table as Alembic makes it, so its later upgrades go on from it)."""
+    schema.metadata.create_all(connection)
+    version = sa.Table(VERSION_TABLE, sa.MetaData(),
+                       sa.Column("version_num", sa.String(32), nullable=False),
+                       sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"))
+    version.create(connection)
+    connection.execute(version.insert().values(version_num=HEAD))
+
+
+def _run_migrations(connection, current: str | None, wanted: str) -> None:
+    # Alembic only now, with a migration to run (its import costs memory for good)
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    if current is not None and any(r.revision == wanted for r in
+                                   scripts.iterate_revisions(current, "base")):
+        command.downgrade(config, wanted)
+    else:
+        command.upgrade(config, wanted)
 
 
 @contextlib.contextmanager

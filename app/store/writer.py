@@ -17,8 +17,6 @@ import time
 from collections import defaultdict
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app.store.database import failure
 from app.store.request_log import (CACHED, COLUMNS, COMPLETION, COST, KEY_ID, MODEL, PROMPT,
@@ -63,8 +61,7 @@ class Writer:
         self.accepted = 0  # rows put in the queue so far
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        upsert = postgresql_insert if engine.dialect.name == "postgresql" else sqlite_insert
-        stmt = upsert(spend)
+        stmt = _upsert_for(engine.dialect.name)(spend)
         names = ", ".join(COLUMNS)
         self._copy = f"COPY requests ({names}) FROM STDIN"
         marks = ", ".join("?" * len(COLUMNS))
@@ -279,3 +276,13 @@ class Writer:
                 return
             self._dropped_logged = (total, now)
         log.error("request log: %d rows dropped (%d in all): %s", total - logged, total, why)
+
+
+def _upsert_for(dialect: str):
+    """The dialect's INSERT with ON CONFLICT, imported for the engine in use only: the other
+    dialect's package costs memory (PostgreSQL's about 2 MB) for the life of the process."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
