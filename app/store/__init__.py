@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import logging
 import socket
+import threading
 import time
 
 import redis
@@ -41,6 +42,9 @@ class Store:
         config_ids = settings.auth.client_keys().ids
         self.keys = KeyTable(self.engine, config_ids=config_ids, wall=wall)
         self.directory = KeyDirectory(settings.auth, wall=wall)
+        # Held from reading the keys table to loading what it read: a reload that read before
+        # a key was made must not load its older rows after the one that read it.
+        self._keys_loading = threading.Lock()
         self.ledger = SpendLedger(wall=wall)
         self.redactor = Redactor(secrets, db.redact_patterns, db.log_body_max_kb * 1024) \
             if db.log_bodies else None
@@ -89,10 +93,11 @@ class Store:
         """Reload the keys and spend totals the request path reads (the writer's thread: the
         spend it loads then holds every batch it wrote, and none it has not)."""
         self.ready()
-        with self.engine.connect() as connection:
-            rows = self.keys.everyone(connection)
-            days, totals = spend_module.load_totals(connection, self.wall())
-        self.directory.load(rows)
+        with self._keys_loading:
+            with self.engine.connect() as connection:
+                rows = self.keys.everyone(connection)
+                days, totals = spend_module.load_totals(connection, self.wall())
+            self.directory.load(rows)
         self.ledger.load(days, totals)
 
     def reload_spend(self) -> None:
@@ -107,7 +112,7 @@ class Store:
     def changed(self) -> None:
         """A key changed here: this process reloads its keys now, and the others are told to
         (through Redis; without it they reload within ``refresh_interval``)."""
-        with self.engine.connect() as connection:
+        with self._keys_loading, self.engine.connect() as connection:
             self.directory.load(self.keys.everyone(connection))
         if self._redis is not None:
             try:
