@@ -9,7 +9,7 @@ CHECKOV_VENV := $(VENV)/checkov
 # pins, in its node_modules; npm ci runs again only when the lock changes.
 AGENTS := tests/agents
 
-.PHONY: run test bench clean agents
+.PHONY: run test bench bench-litellm clean agents
 
 run: $(VENV)/.installed
 	$(BIN)/python wsgi.py
@@ -41,6 +41,17 @@ agents:
 
 $(AGENTS)/node_modules/.installed: $(AGENTS)/package.json $(AGENTS)/package-lock.json
 	cd $(AGENTS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# LiteLLM for `python -m bench targets` (issue 20's peer), in a venv of its own: its pins
+# (fastapi, pydantic, openai, boto3) are nothing the proxy should carry.
+LITELLM_VENV := $(VENV)/litellm
+bench-litellm: $(LITELLM_VENV)/.installed
+
+$(LITELLM_VENV)/.installed: bench/litellm/requirements.txt
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check \
+		-r bench/litellm/requirements.txt
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev requirements-bench.txt

@@ -99,6 +99,11 @@ class NoProviderAvailable(ProxyError):
     status, type, code = 503, "server_error", "no_provider_available"
 
 
+class ProviderFull(NoProviderAvailable):
+    """Every provider that serves the model is healthy but at its limit of calls in flight."""
+    code = "provider_full"
+
+
 class UpstreamError(ProxyError):
     """A provider failed (connection, 5xx, 429, bad answer); another provider may succeed."""
     status, type, code = 502, "upstream_error", "upstream_error"

@@ -17,20 +17,37 @@ SHARED_PCT = 10  # other work above this % of one core during a run: the row is 
 
 
 def cpu_sample(proxy_pid=None, exclude=()) -> dict:
-    """A point in time: the proxy's CPU seconds, every other process's, and the VM's steal.
+    """A point in time: the proxy's CPU seconds (its children's included), every other
+    process's (``exclude`` and their children left out), and the VM's steal.
 
     Other processes (other sessions' tests, builds) slow the proxy even though it is pinned:
     they take core 1 from nginx and wrk, and share the physical core's caches. Kernel threads
     are left out: most of their work here is our own loopback traffic.
     """
-    others = {}
-    for p in psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"]):
-        i = p.info
-        if i["pid"] not in exclude and 2 not in (i["pid"], i["ppid"]) and i["cpu_times"]:
-            others[i["pid"]] = (i["create_time"], i["cpu_times"].user + i["cpu_times"].system)
-    own = psutil.Process(proxy_pid).cpu_times() if proxy_pid else None
-    return {"t": time.monotonic(), "proxy": own.user + own.system if own else 0.0,
+    found = {p.info["pid"]: p.info for p in
+             psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"])}
+    # Ours too: the children of what we started (a proxy's WORKERS, a server's workers).
+    ours = _descendants(found, set(exclude) | ({proxy_pid} if proxy_pid else set()))
+    proxy = _descendants(found, {proxy_pid}) if proxy_pid else set()
+    others, own = {}, 0.0
+    for pid, i in found.items():
+        used = i["cpu_times"].user + i["cpu_times"].system if i["cpu_times"] else 0.0
+        if pid in proxy:
+            own += used
+        elif pid not in ours and 2 not in (pid, i["ppid"]) and i["cpu_times"]:
+            others[pid] = (i["create_time"], used)
+    return {"t": time.monotonic(), "proxy": own,
             "others": others, "steal": getattr(psutil.cpu_times(), "steal", 0.0)}
+
+
+def _descendants(found: dict, roots: set) -> set:
+    """``roots`` and every process of ``found`` (pid: info with ppid) descending from them."""
+    out, changed = set(roots), True
+    while changed:
+        grown = {pid for pid, i in found.items() if i["ppid"] in out} - out
+        out |= grown
+        changed = bool(grown)
+    return out
 
 
 def cpu_use(before, after) -> dict:

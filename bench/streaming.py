@@ -1,13 +1,16 @@
-"""Streaming: what the proxy adds to an SSE stream, and 100 slow streams at once.
+"""Streaming: what the proxy adds to an SSE stream, 100 slow streams at once, 512 paced ones.
 
 ``bench.upstreams.sse`` (core 1) streams for the model ``sse-<chunks>-<delay ms>``; the proxy
 (core 0, THREADS=256, cache off) relays it. This process is the client, on core 1: time to first
 byte and the span to ``[DONE]``, direct and through the proxy, then ``--streams`` slow streams
-held at once while ordinary requests keep coming (bench/README.md).
+held at once while ordinary requests keep coming. ``--paced``: instead, issue 20's target 6, a
+ramp of paced streams opened at once (64/128/256/512, 50 chunks 20 ms apart) through a
+production-profile proxy and against the upstream directly (bench/README.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -21,7 +24,8 @@ TOOLS = ("taskset",)
 TITLE = "streaming benchmark"
 OUTPUT = "streaming"
 QUICK = {"reps": 50, "rounds": 1}
-LIMITS = {"reps": (10, 5000), "chunks": (1, 5000), "streams": (1, 500), "rounds": (1, 20),
+LIMITS = {"paced_chunks": (1, 1000), "paced_ms": (1, 1000), "paced_rounds": (1, 20),
+          "reps": (10, 5000), "chunks": (1, 5000), "streams": (1, 500), "rounds": (1, 20),
           "slow_chunks": (1, 1000), "slow_delay_ms": (0, 1000), "side_interval_ms": (1, 1000)}
 TTFB_TARGET_MS, CHUNK_TARGET_MS = 1.0, 0.2
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -45,6 +49,23 @@ def add_arguments(p) -> None:
                    help="routing.provider_max_in_flight for the proxy (0: its derived default)")
     p.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                    help="before each measurement, wait up to this long for an idle machine (60)")
+    p.add_argument("--paced", action="store_true",
+                   help="only the paced ramp (issue 20's target 6): a production proxy, streams "
+                        "opened at once, each --paced-chunks events --paced-ms apart")
+    p.add_argument("--paced-ramp", type=_counts, default=[64, 128, 256, 512],
+                   help="the stream counts of the ramp (64,128,256,512)")
+    p.add_argument("--paced-chunks", type=int, default=50, help="chunks per paced stream (50)")
+    p.add_argument("--paced-ms", type=int, default=20, help="ms between them (20)")
+    p.add_argument("--paced-spread-ms", type=float, default=0.0,
+                   help="send the ramp's requests evenly over this many ms (0: all at once)")
+    p.add_argument("--paced-rounds", type=int, default=1, help="rounds of the ramp (1)")
+    p.add_argument("--paced-threads", type=int, default=0,
+                   help="the proxy's THREADS for the ramp (0: the production profile's)")
+    p.add_argument("--paced-variant", type=_variant, action="append", default=None,
+                   metavar="NAME[:VAR=VALUE,...]",
+                   help="a proxy variant (its environment added; SOURCE=DIR: another checkout),"
+                        " measured in turn with the others in each round; repeatable (default: "
+                        "one, `current`)")
 
 
 def proxy_config(args) -> dict:
@@ -54,6 +75,12 @@ def proxy_config(args) -> dict:
 
 
 def measure(args, procs, tmp) -> dict:
+    if args.paced:
+        os.sched_setaffinity(0, {int(services.LOAD_CORE)})
+        args.paced_variant = args.paced_variant or [("current", {})]
+        paced = paced_ramp(args, procs, tmp)
+        targets_ = paced_targets(paced)
+        return {"paced": paced, "targets": targets_, "pass": report.passed(targets_)}
     os.sched_setaffinity(0, {int(services.LOAD_CORE)})  # the client shares core 1 with the upstream
     upstream, _ = services.start_upstream(procs, tmp, "sse", lifetime=1800)
     providers = [{"name": "sse", "type": "openai", "base_url": upstream + "/v1",
@@ -318,6 +345,8 @@ def targets(rep) -> list[dict]:
 
 
 def render(rep) -> list[str]:
+    if "paced" in rep:
+        return render_paced(rep["paced"]) + report.shared_note(rep["paced"]["rows"])
     st = rep["settings"]
     lines = [
         f"- proxy: `python wsgi.py` on core {services.PROXY_CORE}, THREADS={st['threads']}, "
@@ -363,3 +392,286 @@ def render(rep) -> list[str]:
 
 def _f(v):
     return "-" if v is None else f"{v:,.1f}"
+
+
+# --- Paced streams (issue 20, target 6): N streams opened at once, each CHUNKS events PACE ms
+# apart, through one production-profile proxy, against the upstream directly in the same run.
+
+PACED_GAP_SLACK_MS, PACED_FIRST_SLACK_MS = 25.0, 50.0
+PACED_KEY = "sk-bench-0123456789abcdef0123"
+# The production profile as bench/run.py runs it (its own thread count unless --paced-threads;
+# the database on, SQLite: every stream writes its request log row).
+PACED_ENV = {"ENVIRONMENT": "production", "HOST": "127.0.0.1", "LOG_LEVEL": "WARNING",
+             "PROXY_API_KEYS": f"bench:{PACED_KEY}", "RATE_LIMIT_REQUESTS": "100000000",
+             # One key carries the whole load here: its in-flight share (half the proxy's
+             # slots) would refuse it with 429 past 112 streams, which is tenancy, not capacity.
+             "TENANT_IN_FLIGHT_SHARE": "0"}
+PACED_AUTH = {"Authorization": f"Bearer {PACED_KEY}"}
+
+
+class _PacedStream(asyncio.Protocol):
+    """One paced stream read as it arrives: when its request left, when its first event came,
+    the gaps between reads that completed events, and whether ``[DONE]`` and the last chunk
+    arrived. Events are counted by their blank-line ends, so no parsing is done: this client
+    shares its core with the upstream, and 512 streams at 20 ms are 25,600 events a second."""
+
+    def __init__(self, done: asyncio.Future):
+        self.done, self.transport = done, None
+        self.sent = self.first = self.last = None
+        self.status, self.events, self.gaps, self.complete = 0, 0, [], False
+        self._head, self._tail = b"", b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def send(self, request: bytes) -> None:
+        self.sent = time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data):
+        now = time.perf_counter()
+        if not self.status:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(self._head[9:12])
+            data, self._head = self._head[end + 4:], b""
+        seen = self._tail + data
+        ends = data.count(b"\n\n") + (self._tail.endswith(b"\n") and data.startswith(b"\n"))
+        if ends:
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps.append(now - self.last)
+            self.last = now
+            self.events += ends
+        if b"data: [DONE]" in seen:
+            self.complete = True
+        self._tail = seen[-16:]
+        if seen.endswith(b"0\r\n\r\n") and self.complete:
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(self)
+
+
+def paced_burst(base: str, count: int, chunks: int, pace_ms: int, headers: dict,
+                timeout: float, spread_ms: float = 0.0) -> dict:
+    """``count`` streams of ``chunks`` events ``pace_ms`` apart, their requests sent at once on
+    connections opened before (or evenly over ``spread_ms``), each read to its end; what the
+    target asks of them: complete (every event and ``[DONE]``), the p99 of all the gaps between
+    events, and the p99 of the time to the first event."""
+    parts = urlsplit(base)
+    body = services.chat_body(f"sse-{chunks}-{pace_ms}", stream=True)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, **JSON_HEADERS}.items())
+    request = (f"POST {services.PATH} HTTP/1.1\r\nHost: {parts.hostname}\r\n{head}"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        streams, failed = [], 0
+        for _ in range(count):
+            done = loop.create_future()
+            try:
+                _, protocol = await loop.create_connection(lambda d=done: _PacedStream(d),
+                                                           parts.hostname, parts.port)
+            except OSError:
+                failed += 1
+                continue
+            streams.append(protocol)
+        await asyncio.sleep(0.2)  # the accepts settle before the burst
+        start = loop.time()
+        for i, protocol in enumerate(streams):
+            if spread_ms:
+                await asyncio.sleep(max(0.0, start + i * spread_ms / 1000 / count - loop.time()))
+            protocol.send(request)
+        waits = [p.done for p in streams]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+        for protocol in streams:
+            if not protocol.done.done():
+                protocol.transport.abort()
+        return streams, failed
+
+    streams, failed = asyncio.run(run())
+    ok = [s for s in streams if s.status == 200]
+    complete = [s for s in ok if s.complete and s.events == chunks + 1]
+    gaps = [g for s in ok for g in s.gaps]
+    firsts = [s.first - s.sent for s in ok if s.first is not None]
+    statuses: dict = {}
+    for s in streams:
+        if s.status != 200:
+            statuses[str(s.status or "none")] = statuses.get(str(s.status or "none"), 0) + 1
+    return {"streams": count, "connect_failed": failed, "ok": len(ok),
+            "complete": len(complete), "refused": statuses,
+            "gap_p50_ms": percentile_ms(gaps, 50), "gap_p99_ms": percentile_ms(gaps, 99),
+            "gap_max_ms": percentile_ms(gaps, 100),
+            "first_p50_ms": percentile_ms(firsts, 50), "first_p99_ms": percentile_ms(firsts, 99)}
+
+
+def paced_ramp(args, procs, tmp) -> dict:
+    """The ramp (``--paced-ramp``) for each variant (``--paced-variant``; a fresh production
+    proxy per variant and round, the variants in turn, every other round reversed), each count
+    against the upstream directly right before it."""
+    upstream, _ = services.start_upstream(procs, tmp, "sse", lifetime=3600)
+    timeout = args.paced_chunks * args.paced_ms / 1000 + 30
+    rows = []
+    for rnd in range(args.paced_rounds):
+        variants = args.paced_variant if rnd % 2 == 0 else args.paced_variant[::-1]
+        for name, env in variants:
+            providers = [{"name": "sse", "type": "openai", "base_url": upstream + "/v1",
+                          "models": ["sse-*"]}]
+            env = dict(env)
+            source = env.pop("SOURCE", args.source)  # a variant may run another checkout
+            proxy_env = {**PACED_ENV, **({"THREADS": str(args.paced_threads)}
+                                         if args.paced_threads else {}), **env}
+            proxy = services.start_proxy_env(procs, tmp, f"paced-{name}-{rnd}",
+                                             {**proxy_config(args), "providers": providers},
+                                             env=proxy_env, source=source)
+            pid = proxy.process.pid
+            for count in args.paced_ramp:
+                for path, base, headers in (("direct", upstream, {}),
+                                            ("proxy", proxy.url, PACED_AUTH)):
+                    machine.wait_quiet(args.wait_quiet)
+                    used = _cpu_seconds(pid)
+                    with machine.cpu_meter(pid, procs) as cpu:
+                        row = paced_burst(base, count, args.paced_chunks, args.paced_ms,
+                                          headers, timeout, args.paced_spread_ms)
+                    # The proxy's CPU per stream, all of it: opening, relaying, closing.
+                    row["cpu_ms_per_stream"] = round((_cpu_seconds(pid) - used) * 1000
+                                                     / count, 3) if path == "proxy" else None
+                    row.update(cpu, path=path, variant=name, round=rnd,
+                               **(services.proc_counts(pid) if path == "proxy" else {}))
+                    rows.append(row)
+                    report.progress(
+                        f"paced {name} r{rnd} {path} x{count}: {row['complete']}/{count} "
+                        f"complete, refused {row['refused'] or 0}, gap p99 "
+                        f"{_f(row['gap_p99_ms'])} ms, first p99 {_f(row['first_p99_ms'])} ms, "
+                        f"proxy CPU {row['proxy_cpu_pct']:.0f}%, others "
+                        f"{row['others_cpu_pct']:.0f}%")
+                    time.sleep(0.5)
+            procs.stop(proxy.process)
+    return {"settings": {"ramp": args.paced_ramp, "chunks": args.paced_chunks,
+                         "pace_ms": args.paced_ms, "rounds": args.paced_rounds,
+                         "spread_ms": args.paced_spread_ms,
+                         "variants": [[n, e] for n, e in args.paced_variant],
+                         "proxy_env": {k: v for k, v in PACED_ENV.items()
+                                       if k != "PROXY_API_KEYS"}},
+            "rows": rows}
+
+
+def paced_targets(paced) -> list[dict]:
+    """Target 6 at the ramp's largest count, per variant: the medians over its rounds."""
+    st = paced["settings"]
+    count, pace = max(st["ramp"]), st["pace_ms"]
+    out = []
+    for name, _ in st["variants"]:
+        held = [n for n in sorted(st["ramp"]) if _paced_holds(paced["rows"], name, n, pace)]
+        out.append(report.target(f"{name}: where the ramp stops", "every target held up to "
+                                 f"{max(held)} streams" if held else "no count held",
+                                 f"{count}", None))
+        got = _paced_medians(paced["rows"], name, count)
+        if got is None:
+            continue
+        proxy, direct = got
+        added = proxy["first_p99_ms"] - direct["first_p99_ms"] \
+            if proxy["first_p99_ms"] is not None else None
+        out += [
+            report.target(f"{name}: {count} paced streams complete", f"{proxy['complete']:.0f}"
+                          f" / {count} (refused {proxy['refused']:.0f})", f"{count}",
+                          proxy["complete"] >= count),
+            report.target(f"{name}: inter-chunk gap p99", f"{_f(proxy['gap_p99_ms'])} ms "
+                          f"(direct {_f(direct['gap_p99_ms'])})",
+                          f"<= {pace + PACED_GAP_SLACK_MS:g} ms", proxy["gap_p99_ms"] is not None
+                          and proxy["gap_p99_ms"] <= pace + PACED_GAP_SLACK_MS),
+            report.target(f"{name}: time to first chunk p99 over direct", f"{_f(added)} ms "
+                          f"({_f(proxy['first_p99_ms'])} - {_f(direct['first_p99_ms'])})",
+                          f"<= {PACED_FIRST_SLACK_MS:g} ms",
+                          added is not None and added <= PACED_FIRST_SLACK_MS)]
+    return out
+
+
+def _paced_holds(rows, variant, count, pace) -> bool:
+    """Whether ``count`` streams met all three targets (medians over the rounds)."""
+    got = _paced_medians(rows, variant, count)
+    if got is None:
+        return False
+    proxy, direct = got
+    return (proxy["complete"] >= count and proxy["gap_p99_ms"] is not None
+            and proxy["gap_p99_ms"] <= pace + PACED_GAP_SLACK_MS
+            and proxy["first_p99_ms"] is not None and direct["first_p99_ms"] is not None
+            and proxy["first_p99_ms"] - direct["first_p99_ms"] <= PACED_FIRST_SLACK_MS)
+
+
+def _paced_medians(rows, variant, count):
+    """(proxy, direct): the median of each figure over a variant's rounds at ``count``."""
+    import statistics
+    picked = {path: [r for r in rows if r["variant"] == variant and r["streams"] == count
+                     and r["path"] == path] for path in ("proxy", "direct")}
+    if not picked["proxy"] or not picked["direct"]:
+        return None
+
+    def median(group):
+        out = {}
+        for key in ("complete", "gap_p50_ms", "gap_p99_ms", "gap_max_ms", "first_p50_ms",
+                    "first_p99_ms", "proxy_cpu_pct", "others_cpu_pct", "steal_pct"):
+            values = [r.get(key) for r in group if r.get(key) is not None]
+            out[key] = statistics.median(values) if values else None
+        out["refused"] = statistics.median(sum(r["refused"].values()) + r["connect_failed"]
+                                           for r in group)
+        return out
+    return median(picked["proxy"]), median(picked["direct"])
+
+
+def render_paced(paced) -> list[str]:
+    st = paced["settings"]
+    lines = [
+        f"- proxy: `python wsgi.py` on core {services.PROXY_CORE}, the production profile "
+        f"({', '.join(f'{k}={v}' for k, v in st['proxy_env'].items())}, one API key), cache off;"
+        " a fresh proxy per variant and round, the variants in turn",
+        f"- upstream: `bench.upstreams.sse` on core {services.LOAD_CORE}, model "
+        f"`sse-{st['chunks']}-{st['pace_ms']}`: {st['chunks']} chunks {st['pace_ms']} ms apart "
+        "and `[DONE]`; client: this process on that core (asyncio, one connection a stream, all "
+        "opened first, then every request sent "
+        + (f"evenly over {st['spread_ms']:g} ms)" if st.get("spread_ms") else "at once)"),
+        "- variants: " + "; ".join(f"`{n}` {e or '(as configured)'}" for n, e in st["variants"]),
+        "", "| variant | round | path | streams | complete | refused | gap p50 ms | gap p99 ms "
+        "| gap max ms | first p50 ms | first p99 ms | proxy CPU | CPU ms a stream | others | steal "
+        "| threads |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: |"]
+    for r in paced["rows"]:
+        refused = ", ".join(f"{k}: {v}" for k, v in r["refused"].items()) or "0"
+        lines.append(
+            f"| {r['variant']} | {r['round']} | {r['path']} | {r['streams']} | {r['complete']} | "
+            f"{refused} | {_f(r['gap_p50_ms'])} | {_f(r['gap_p99_ms'])} | {_f(r['gap_max_ms'])} "
+            f"| {_f(r['first_p50_ms'])} | {_f(r['first_p99_ms'])} | {r['proxy_cpu_pct']:.0f}% | "
+            f"{_f(r.get('cpu_ms_per_stream'))} | {r['others_cpu_pct']:.0f}% | "
+            f"{r.get('steal_pct', 0):.0f}% | "
+            f"{r.get('threads', '-')} |")
+    return lines
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _variant(value: str):
+    """``NAME`` or ``NAME:VAR=VALUE,VAR=VALUE``: a proxy variant of the paced ramp."""
+    name, _, rest = value.partition(":")
+    env = dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
+    if not name:
+        raise ValueError(value)
+    return name, env
+
+
+def _counts(value: str) -> list[int]:
+    counts = [int(v) for v in value.split(",") if v.strip()]
+    if not counts or min(counts) < 1 or max(counts) > 2000:
+        raise ValueError(value)
+    return counts

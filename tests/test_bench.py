@@ -68,10 +68,29 @@ def test_the_front_ends_pass_through_scenarios_run(tmp_path):
     assert "| messages-passthrough | 1 |" in text and "| responses-passthrough | 1 |" in text
 
 
+def test_the_floors_serve_the_load_and_the_targets_table_names_every_target(tmp_path):
+    """``bench targets --smoke``: the naive, tuned and ping floors (bench/floors) start, answer
+    wrk at c1 without errors, and the table lists issue 20's targets, unmeasured ones said so."""
+    _tools_or_skip()
+    output = tmp_path / "targets"
+    done = subprocess.run([sys.executable, "-m", "bench", "targets", "--smoke", "--no-setup",
+                           "--output", str(output)], cwd=REPO, capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert [(r["subject"], r["connections"]) for r in report["rows"]] == [
+        ("naive", 1), ("tuned", 1), ("ping", 1)]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["rows"])
+    numbers = {t["target"].split(".")[0] for t in report["targets"]}
+    assert numbers == {str(n) for n in range(1, 10)}
+    assert any("not measured" in t["measured"] for t in report["targets"])
+    assert "| naive | 1 |" in output.with_suffix(".md").read_text()
+
+
 def test_every_command_has_help():
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     for command in ("run", "streaming", "reliability", "soak", "scaleout", "hotpath",
-                    "hostile", "console"):
+                    "hostile", "console", "targets"):
         assert command in done.stdout

@@ -141,3 +141,39 @@ def test_a_stream_dropped_without_close_frees_its_slots_by_the_next_request(make
     app.test_client().post("/v1/chat/completions", json=CHAT).close()
     assert llm_proxy.admission.in_flight == 0  # ...but by the next request
     assert llm_proxy.bulkheads["up"].in_flight == 0
+
+
+def test_a_provider_full_of_streams_answers_503_provider_full_with_retry_after(make_app, upstream):
+    """A healthy provider at its limit of calls in flight is full, not absent: the client is told
+    so (``provider_full``), with Retry-After, while the held stream goes on."""
+    gate = threading.Event()
+    upstream.script(Stream(chat_chunks("gpt-test", ["first", " second"]), gate=gate))
+    app = make_app([provider(upstream.url, max_in_flight=1)])
+    with live_server(app) as url:
+        with requests.post(url + "/v1/chat/completions", json=CHAT, stream=True,
+                           timeout=5) as held:
+            lines = held.iter_lines()
+            assert b'"first"' in next(line for line in lines if line)
+            refused = requests.post(url + "/v1/chat/completions", json=CHAT, timeout=5)
+            gate.set()
+            rest = [line for line in lines if line]
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "provider_full"
+    assert "at its limit of 1 requests in flight" in refused.json()["error"]["message"]
+    assert refused.headers["Retry-After"] == "1"
+    assert rest[-1] == b"data: [DONE]"
+    assert upstream.calls == 1
+
+
+
+def test_a_stream_ended_by_done_leaves_its_upstream_connection_to_the_next_request(
+        make_app, upstream):
+    """After ``[DONE]`` the rest of the upstream's body (its last chunk) is read, so the
+    connection goes back to the pool: a second stream reuses it instead of connecting again
+    (for a TLS provider, a handshake a stream)."""
+    upstream.script(Stream(chat_chunks("gpt-test", ["one"])), Stream(chat_chunks("gpt-test", ["two"])))
+    app = make_app([provider(upstream.url)])
+    client = app.test_client()
+    for _ in range(2):
+        assert events_of(client.post("/v1/chat/completions", json=CHAT).data)[-1] == b"[DONE]"
+    assert len({r.client_port for r in upstream.requests}) == 1

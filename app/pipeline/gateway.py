@@ -8,7 +8,8 @@ skipped without a connection attempt.
 When every candidate failed, the answer says how: 429 ``upstream_rate_limited`` when they were
 all rate limits (an upstream 429, or a cool-down after one), with the shortest Retry-After, so
 a client can tell a rate limit from an outage; otherwise 502, 504 when all timed out, or 503
-when none could be tried.
+when none could be tried: ``provider_full`` when every one was only at its limit of calls in
+flight (healthy, and free again as soon as a call ends), ``no_provider_available`` otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import logging
 import math
 import time
 
-from app.errors import (NoProviderAvailable, ProxyError, UpstreamError, UpstreamRateLimited,
-                        UpstreamTimeout)
+from app.errors import (NoProviderAvailable, ProviderFull, ProxyError, UpstreamError,
+                        UpstreamRateLimited, UpstreamTimeout)
 from app import protocols
 from app.observability.metrics import NullMetrics
 from app.observability.tracing import NULL_TRACING
@@ -35,9 +36,10 @@ RATE_LIMITED = 429
 RATE_LIMIT_COOL_DOWN = 1.0
 
 
-class Skipped(collections.namedtuple("Skipped", "provider why retry_at rate_limited")):
+class Skipped(collections.namedtuple("Skipped", "provider why retry_at rate_limited full",
+                                     defaults=(False,))):
     """A candidate not tried: why, when it may be tried again, and whether a rate limit's
-    cool-down is all that kept it away."""
+    cool-down, or its bulkhead being full, is all that kept it away."""
 
 
 class Gateway:
@@ -181,7 +183,7 @@ class Gateway:
         if not bulkhead.try_acquire():
             unavailable.append(Skipped(
                 adapter.name, f"at its limit of {bulkhead.limit} requests in flight",
-                self.clock() + 1.0, False))
+                self.clock() + 1.0, False, full=True))
             return False
         provider = self.breakers.get(adapter.name)
         if not provider.allow():
@@ -246,6 +248,11 @@ class Gateway:
         if not failures:
             wait = min(skip.retry_at for skip in unavailable) - self.clock()
             reasons = "; ".join(f"provider {skip.provider}: {skip.why}" for skip in unavailable)
+            if all(skip.full for skip in unavailable):  # healthy, busy: not absent
+                return ProviderFull(
+                    f"Every provider of {model!r} is serving its limit of requests in flight "
+                    f"({reasons}); retry shortly, or raise THREADS or "
+                    "routing.provider_max_in_flight.", headers={"Retry-After": "1"})
             return NoProviderAvailable(
                 f"No provider is available for {model!r} right now ({reasons}).",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))})

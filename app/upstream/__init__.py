@@ -27,6 +27,9 @@ from app.errors import UpstreamClientError, UpstreamError, UpstreamTimeout
 from app.sse import KEEPALIVE, iter_events
 
 CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
+# Closing a stream at its last event: what may still be read of it (its last chunk) so that its
+# connection is kept, and the longest wait for that (the client already has its last event).
+FINISH_BYTES, FINISH_WAIT = 16384, 0.005
 STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError,
                  http.client.HTTPException)
 # The 4xx that say more about the provider than the client: 401/403, our key is bad; 408, 429.
@@ -45,6 +48,7 @@ class UpstreamResponse:
         self._scrubber = scrubber or client.secrets.scrubber
         self.status = response.status_code
         self._body: bytes | None = None
+        self._ready: _Readiness | None = None  # set while events() reads the stream
 
     def read(self, deadline: float) -> None:
         """Read the whole body now, within ``max_response_mb`` and ``deadline``."""
@@ -69,7 +73,28 @@ class UpstreamResponse:
         return self._body
 
     def close(self) -> None:
+        if self._ready is not None:
+            self._finish_stream()
         self._response.close()
+
+    def _finish_stream(self) -> None:
+        """Read the rest of a stream whose caller stopped at its end (``[DONE]``, or
+        ``message_stop``) when it is already here or within ``FINISH_WAIT``: the last chunk
+        that ends the body. Read to its end, the body gives its connection back to the pool;
+        closed unread, the connection is closed, and the next request connects again (for a
+        TLS provider, a handshake a stream). Bounded: ``FINISH_BYTES`` at most, and no wait
+        past ``FINISH_WAIT`` (a stream still sending is closed as before)."""
+        ready, self._ready = self._ready, None
+        left, wait = FINISH_BYTES, FINISH_WAIT
+        try:
+            while left > 0 and ready.wait(wait):
+                data = self._response.raw.read1(min(CHUNK, left))
+                if not data:
+                    return  # the body's end: urllib3 has put the connection back
+                left -= len(data)
+                wait = 0.0
+        except Exception:  # any failure here only means the connection is not kept
+            return
 
     def failure(self, *, translate_error=None, key_hint: str = "") -> UpstreamError:
         """The error this non-2xx answer means: the client's own 4xx (its message re-shaped as an
@@ -101,8 +126,9 @@ class UpstreamResponse:
         limits, name, clock = client.streaming, client.provider, client.clock
         ends_at = self._started + limits.max_duration
         last_event = clock()
+        ready = self._ready = _Readiness(self._response)
         try:
-            for event in iter_events(_iter_body(self._response, client), provider=name,
+            for event in iter_events(_iter_body(self._response, client, ready), provider=name,
                                      max_event_bytes=int(limits.max_event_kb * 1024)):
                 now = clock()
                 if event is not KEEPALIVE:
@@ -117,6 +143,9 @@ class UpstreamResponse:
                                           "(streaming.max_duration)", provider=name,
                                           kind="duration")
                 yield event if event is KEEPALIVE else scrub(event)
+        except Exception:
+            self._ready = None  # a stream that failed is closed, not finished
+            raise
         finally:
             self.close()
 
@@ -154,10 +183,9 @@ def _read_whole(response: requests.Response, client, deadline: float) -> bytes:
     return b"".join(parts)
 
 
-def _iter_body(response: requests.Response, client):
+def _iter_body(response: requests.Response, client, ready: _Readiness):
     """A streamed body's bytes as they arrive, and b"" every ``client.tick`` seconds of
     silence; silence past the read timeout raises UpstreamTimeout."""
-    ready = _Readiness(response)
     quiet_since = time.monotonic()  # real time: it measures a real socket's silence
     try:
         while True:
