@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from app.observability.timeline import (BUCKETS, SLOTS, Exchange, NullTimeline, Series,
+from app.observability.timeline import (BUCKETS, SLOTS, NullTimeline, Series,
                                         Timeline, bucket_of, bucket_value, percentile)
+from app.observability.timeline_exchange import Exchange
 from tests.conftest import FakeClock
 
 START = 1_900_000_020.0  # 2030-03-17, on a whole minute: points line up with it
