@@ -17,7 +17,6 @@ each cold first load < 200 ms, for information.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import statistics
@@ -84,28 +83,11 @@ def build_app(tmp):
         "observability": {"access_log": False}}))
 
 
-@contextlib.contextmanager
 def serving(app):
-    """The app served by its production server (app/runtime/server.py) on a free loopback
-    port, in a thread of this process; yields the base URL. Stopped as tests/conftest.py's
-    ``live_server`` stops it: the workers first, then every socket closed from the loop."""
-    from app.runtime.server import build_server
-    server = build_server(app, host="127.0.0.1", port=0, asyncore_loop_timeout=0.05)
-    thread = threading.Thread(target=server.run, daemon=True, name="bench-console-server")
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}"
-    finally:
-        server.task_dispatcher.shutdown(timeout=1)
-
-        def close_all():
-            for channel in list(server._map.values()):
-                channel.close()
-        try:
-            server.trigger.pull_trigger(close_all)
-        except OSError:  # the trigger's pipe already closed: close from here
-            close_all()
-        thread.join(timeout=5)
+    """The app served by its production server on a free loopback port, in a thread of this
+    process (as the tests serve it); yields the base URL."""
+    from app.runtime.server import served_in_thread
+    return served_in_thread(app)
 
 
 def client() -> requests.Session:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -11,7 +10,7 @@ import uuid
 import pytest
 import redis
 from app import create_app
-from app.runtime.server import build_server
+from app.runtime.server import served_in_thread
 from settings import build_settings
 from tests import databases
 from tests.upstream import FakeUpstream
@@ -69,31 +68,10 @@ def make_app():
         app.extensions["llm_proxy"].close()
 
 
-@contextlib.contextmanager
 def live_server(app, threads=8):
     """Serve ``app`` on a free loopback port with the production server (app/runtime/server.py: its
     options, poll loop and header-stage checks); yields the base URL."""
-    server = build_server(app, host="127.0.0.1", port=0, threads=threads,
-                          channel_request_lookahead=1, asyncore_loop_timeout=0.05)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}"
-    finally:
-        # Workers first: one that finishes a request pulls the trigger, and must not write to
-        # the trigger's pipe once it is closed and its fd number handed to the next server.
-        server.task_dispatcher.shutdown(timeout=1)
-
-        # The loop runs while any socket is open: close them all, clients' keep-alive channels
-        # included, from inside the loop's own thread.
-        def close_all():
-            for channel in list(server._map.values()):
-                channel.close()
-        try:
-            server.trigger.pull_trigger(close_all)
-        except OSError:  # its pipe's fd was closed under it (seen 1 run in 15): close from here
-            close_all()
-        thread.join(timeout=5)
+    return served_in_thread(app, threads=threads, channel_request_lookahead=1)
 
 
 def wait_for_calls(upstream, n, timeout=5.0):

@@ -33,12 +33,14 @@ instance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http
 import logging
 import re
 import resource
+import threading
 import time
 from functools import partial
 
@@ -106,6 +108,32 @@ def build_server(app, *, host: str | None = None, port: int | None = None, socke
         # too coarse to hold a header timeout of a few seconds.
         listener.adj.cleanup_interval = max(0.05, min(30.0, gate.header_timeout / 4))
     return server
+
+
+@contextlib.contextmanager
+def served_in_thread(app, **overrides):
+    """``app`` on its production server on a free loopback port, in a thread of this process,
+    for tests and benchmarks; yields the base URL. Stopped workers first (one that finishes a
+    request pulls the trigger, which must not write to the trigger's pipe once it is closed and
+    its fd number reused), then every socket, clients' keep-alive channels included, closed
+    from inside the loop's own thread."""
+    server = build_server(app, host="127.0.0.1", port=0,
+                          **{"asyncore_loop_timeout": 0.05, **overrides})
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.task_dispatcher.shutdown(timeout=1)
+
+        def close_all():
+            for channel in list(server._map.values()):
+                channel.close()
+        try:
+            server.trigger.pull_trigger(close_all)
+        except OSError:  # its pipe's fd was closed under it (seen 1 run in 15): close from here
+            close_all()
+        thread.join(timeout=5)
 
 
 def fd_need(settings) -> int:
