@@ -49,6 +49,8 @@ class ServerSettings:
     channel_timeout: int = 120
     max_request_body_mb: float = 10.0
     workers: int = 1  # waitress processes sharing the port (SO_REUSEPORT), supervised
+    # With workers > 1, each worker on a core of its own (app/runtime/workers.py: pin_worker)
+    pin_workers: bool = True
     worker_index: int = field(default=0, metadata={  # which of the workers this process is
         NOT_IN_FILE: "the supervisor gives each worker its WORKER_INDEX"})
     header_timeout: float = 30.0  # seconds a connection may take to send a request's headers
@@ -772,6 +774,7 @@ ENV_VARS = {
     "METRICS_REQUIRE_KEY": ("auth", "metrics_require_key"),
     "PROVIDERS_REQUIRE_ADMIN": ("auth", "providers_require_admin"),
     "WORKERS": ("server", "workers"),
+    "PIN_WORKERS": ("server", "pin_workers"),
     "WORKER_INDEX": ("server", "worker_index"),  # set by the supervisor for each worker
     "REDIS_URL": ("redis", "url"),
     "DATABASE_ENABLED": ("database", "enabled"),

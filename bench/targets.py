@@ -300,9 +300,10 @@ def _remote_connections(pid) -> list[str]:
 def _start_workers(args, procs, tmp, subject, upstream, round_) -> services.Proxy:
     """The production proxy with ``WORKERS`` processes, the cache on, the key from
     PROXY_API_KEYS (bench/scaleout.py's set-up with the production profile). Two workers get
-    both cores; one gets the proxy's core alone: one process free on two cores served 2.7x
-    less here (408-450 against 1,167-1,206 req/s, c32, interleaved), its threads handing the
-    GIL across cores, so that would not be the baseline a second worker has to beat."""
+    both cores, each pinned to one by the supervisor (``server.pin_workers``), the second
+    sharing its core with nginx and wrk; one gets the proxy's core alone: one process free on
+    two cores served 2.7x less here (408-450 against 1,167-1,206 req/s, c32, interleaved), its
+    threads handing the GIL across cores, so that would not be the baseline to beat."""
     scenario = run.SCENARIOS["prod-cachehit"]
     env = {**run.PRODUCTION_ENV, "WORKERS": str(subject.workers), "LOG_LEVEL": "WARNING",
            "ADMIN_API_KEY": run.ADMIN_KEY, "THREADS": str(args.threads)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from app.runtime.supervision import SupervisorState
-from app.runtime.workers import Supervisor, split_limits
+from app.runtime.workers import Supervisor, split_limits, worker_cores
 from settings import build_settings
 from tests.conftest import FakeClock
 from tests.databases import sqlite_environ
@@ -117,6 +117,9 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
         assert _wait_for(both_answered, 30), f"pids seen: {seen}"
         children = {p.pid for p in psutil.Process(supervisor.pid).children()}
         assert seen == children and len(children) == 2
+        # Each worker on a core of its own (server.pin_workers, on by default), in turn.
+        cores = {pid: psutil.Process(pid).cpu_affinity() for pid in children}
+        assert sorted(cores.values()) == [[c] for c in sorted(worker_cores(2))], cores
 
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("POST", "/v1/chat/completions", body=json.dumps(
@@ -138,6 +141,7 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
         assert newcomer, "no new worker answered after the kill"
         now = {p.pid for p in psutil.Process(supervisor.pid).children()}
         assert victim not in now and newcomer in now and len(now) == 2
+        assert psutil.Process(newcomer).cpu_affinity() == cores[victim]  # its slot's core
 
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=20) == 0
@@ -148,6 +152,30 @@ def test_two_workers_answer_on_one_port_a_killed_one_is_replaced_and_sigterm_sto
     finally:
         _kill_tree(supervisor)
         out.close()
+
+
+def test_workers_take_the_cores_in_turn_and_pin_workers_false_leaves_them_free(tmp_path):
+    assert worker_cores(2, {0, 1}) == [0, 1]
+    assert worker_cores(3, {2, 5}) == [2, 5, 2]  # more workers than cores: shared in turn
+    assert worker_cores(2, {3}) == [3, 3]
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text("server: {pin_workers: false}\n"
+                      "providers: [{name: mock, type: mock, models: [m]}]\n")
+    env = {**os.environ, "WORKERS": "2", "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4",
+           "PROXY_CONFIG": str(config), "LOG_LEVEL": "WARNING", "WORKER_CORE": "0",
+           **sqlite_environ(tmp_path)}
+    env.pop("WORKER_INDEX", None)
+    with open(tmp_path / "supervisor.log", "wb") as out:
+        supervisor = subprocess.Popen([sys.executable, "-m", "app.runtime.workers"], cwd=REPO,
+                                      env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert _workers_answer(port), (tmp_path / "supervisor.log").read_text()
+            allowed = sorted(os.sched_getaffinity(0))
+            for child in psutil.Process(supervisor.pid).children():
+                assert child.cpu_affinity() == allowed  # a stray WORKER_CORE is not passed on
+        finally:
+            _kill_tree(supervisor)
 
 
 def _exits_at_once(started, clock):
