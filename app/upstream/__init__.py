@@ -1,11 +1,11 @@
-"""An upstream's answer as the proxy sees it: ``UpstreamResponse``, never a ``requests`` type.
+"""An upstream's answer as the proxy sees it: ``UpstreamResponse``, never a urllib3 type.
 
 Its status and headers; its body read whole, in pieces as they arrive, within
 ``http_client.max_response_mb`` (counted after decompression) and the request's deadline; or
 its SSE events as they arrive, within the ``streaming`` limits, with ``KEEPALIVE`` whenever a
 wait for the upstream completed none; and the error a non-2xx status means, mapped here once.
-Every ``requests``/``urllib3`` exception becomes the proxy's own error here: a request that got
-no answer (``failed_request``) and a body that broke off while read. Everything read is scrubbed
+Every ``urllib3`` exception becomes the proxy's own error here: a request that got no answer
+(``failed_request``) and a body that broke off while read. Everything read is scrubbed
 of the proxy's secrets here too (``secrets.Scrubber``), before anyone sees it: the body, each
 event, and the text of an upstream's error message.
 """
@@ -19,9 +19,9 @@ import time
 from email.utils import parsedate_to_datetime
 
 import orjson
-import requests
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (ConnectTimeoutError, NewConnectionError, ProtocolError,
+                                ReadTimeoutError)
 
 from app.errors import UpstreamClientError, UpstreamError, UpstreamTimeout
 from app.sse import KEEPALIVE, iter_events
@@ -30,8 +30,7 @@ CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
 # Closing a stream at its last event: what may still be read of it (its last chunk) so that its
 # connection is kept, and the longest wait for that (the client already has its last event).
 FINISH_BYTES, FINISH_WAIT = 16384, 0.005
-STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError,
-                 http.client.HTTPException)
+STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException)
 # The 4xx that say more about the provider than the client: 401/403, our key is bad; 408, 429.
 PROVIDER_4XX = frozenset((401, 403, 408, 429))
 
@@ -40,13 +39,14 @@ class UpstreamResponse:
     """One upstream answer. ``body()`` is what ``HttpClient.post`` read (a whole answer, an
     error, or JSON sent where a stream was asked); ``events()`` relays a stream's."""
 
-    def __init__(self, response: requests.Response, client, started: float, scrubber=None):
-        self._response = response
+    def __init__(self, response: urllib3.BaseHTTPResponse, client, started: float,
+                 scrubber=None):
+        self._response = response  # read as it arrives: not preloaded, not decoded
         self._client = client
         self._started = started  # when the request began: streams end max_duration after it
         # the secrets to scrub (the client's key included): the client's by default
         self._scrubber = scrubber or client.secrets.scrubber
-        self.status = response.status_code
+        self.status = response.status
         self._body: bytes | None = None
         self._ready: _Readiness | None = None  # set while events() reads the stream
 
@@ -75,7 +75,9 @@ class UpstreamResponse:
     def close(self) -> None:
         if self._ready is not None:
             self._finish_stream()
-        self._response.close()
+        response = self._response
+        response.close()  # unread, its connection is closed, and its pool slot given back:
+        response.release_conn()  # a body read to its end gave its connection back already
 
     def _finish_stream(self) -> None:
         """Read the rest of a stream whose caller stopped at its end (``[DONE]``, or
@@ -88,7 +90,7 @@ class UpstreamResponse:
         left, wait = FINISH_BYTES, FINISH_WAIT
         try:
             while left > 0 and ready.wait(wait):
-                data = self._response.raw.read1(min(CHUNK, left))
+                data = self._response.read1(min(CHUNK, left))
                 if not data:
                     return  # the body's end: urllib3 has put the connection back
                 left -= len(data)
@@ -150,7 +152,7 @@ class UpstreamResponse:
             self.close()
 
 
-def _read_whole(response: requests.Response, client, deadline: float) -> bytes:
+def _read_whole(response: urllib3.BaseHTTPResponse, client, deadline: float) -> bytes:
     """The (decompressed) body, read in pieces as they arrive: past ``max_response_mb`` or
     ``deadline`` it is an UpstreamError (and the response is closed)."""
     provider, clock = client.provider, client.clock
@@ -165,7 +167,7 @@ def _read_whole(response: requests.Response, client, deadline: float) -> bytes:
                                       kind="timeout")
             # read1: whatever has arrived, so a body dripping byte by byte still meets the
             # deadline check; decompressed at most CHUNK at a time (urllib3 >= 2.6)
-            data = response.raw.read1(CHUNK, decode_content=True)
+            data = response.read1(CHUNK, decode_content=True)
             if not data:
                 break
             size += len(data)
@@ -183,7 +185,7 @@ def _read_whole(response: requests.Response, client, deadline: float) -> bytes:
     return b"".join(parts)
 
 
-def _iter_body(response: requests.Response, client, ready: _Readiness):
+def _iter_body(response: urllib3.BaseHTTPResponse, client, ready: _Readiness):
     """A streamed body's bytes as they arrive, and b"" every ``client.tick`` seconds of
     silence; silence past the read timeout raises UpstreamTimeout."""
     quiet_since = time.monotonic()  # real time: it measures a real socket's silence
@@ -196,7 +198,7 @@ def _iter_body(response: requests.Response, client, ready: _Readiness):
                                           kind="timeout")
                 yield b""
                 continue
-            data = response.raw.read1(CHUNK)
+            data = response.read1(CHUNK)
             if not data:
                 return
             quiet_since = time.monotonic()
@@ -215,9 +217,9 @@ class _Readiness:
     without this, up to the socket's read timeout.
     """
 
-    def __init__(self, response: requests.Response):
+    def __init__(self, response: urllib3.BaseHTTPResponse):
         try:
-            self._http = response.raw._fp  # http.client.HTTPResponse: chunked framing state
+            self._http = response._fp  # http.client.HTTPResponse: chunked framing state
             self._reader = self._http.fp
             self._sock = self._reader.raw._sock
             self._poll = select.poll()
@@ -253,27 +255,21 @@ class _Readiness:
         return b"\n" in peeked[2 if left == 0 else 0:]
 
 
-def failed_request(e: requests.RequestException, name: str) -> UpstreamError:
-    """The proxy's error for a request that got no answer (requests' exception ``e``)."""
-    if isinstance(e, requests.ConnectTimeout):
-        error = UpstreamTimeout(f"provider {name}: connect timeout", provider=name,
-                                kind="connect", retryable=True)
-    elif isinstance(e, requests.ReadTimeout):
-        error = UpstreamTimeout(f"provider {name}: no answer within the read timeout",
-                                provider=name, kind="timeout")
-    elif isinstance(e, requests.ConnectionError) and _never_connected(e):
-        error = UpstreamError(f"provider {name}: connection failed", provider=name,
-                              kind="connect", retryable=True)
-    elif isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
-        error = UpstreamError(f"provider {name}: connection lost", provider=name, kind="connection")
-    else:
-        error = UpstreamError(f"provider {name}: request failed", provider=name, kind="protocol")
-    return error
-
-
-def _never_connected(e: requests.ConnectionError) -> bool:
-    reason = getattr(e.args[0], "reason", None) if e.args else None
-    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+def failed_request(e: Exception, name: str) -> UpstreamError:
+    """The proxy's error for a request that got no answer (urllib3's exception ``e``)."""
+    if isinstance(e, NewConnectionError):  # refused, unreachable, a name that did not resolve
+        return UpstreamError(f"provider {name}: connection failed", provider=name,
+                             kind="connect", retryable=True)
+    if isinstance(e, ConnectTimeoutError):
+        return UpstreamTimeout(f"provider {name}: connect timeout", provider=name,
+                               kind="connect", retryable=True)
+    if isinstance(e, ReadTimeoutError):
+        return UpstreamTimeout(f"provider {name}: no answer within the read timeout",
+                               provider=name, kind="timeout")
+    if isinstance(e, (ProtocolError, urllib3.exceptions.SSLError, OSError)):
+        return UpstreamError(f"provider {name}: connection lost", provider=name,
+                             kind="connection")
+    return UpstreamError(f"provider {name}: request failed", provider=name, kind="protocol")
 
 
 def _broken_off(e: Exception, provider: str, what: str) -> UpstreamError:

@@ -1,7 +1,11 @@
-"""Pooled HTTP to one provider: a requests Session, timeouts, retry with backoff, client stats.
+"""Pooled HTTP to one provider: a requests Session's pools, timeouts, retry with backoff, stats.
 
-``post`` answers with the proxy's own ``UpstreamResponse`` (app/upstream.py, where every
-requests/urllib3 exception becomes the proxy's error): adapters never see a requests type.
+The Session owns the connection pools (its HTTPAdapter's urllib3 PoolManager, sized to the
+threads); each call goes to the pool directly. requests' own layer on top (a PreparedRequest,
+the adapter's TLS context and URL handling, a Response with its cookie jar) cost about a tenth
+of a pass-through's CPU for nothing this proxy uses (docs/performance.md).
+``post`` answers with the proxy's own ``UpstreamResponse`` (app/upstream, where every urllib3
+exception becomes the proxy's error): adapters never see a urllib3 type.
 When the request is traced, every try carries the attempt's W3C ``traceparent``, and each retry
 is an event of the attempt's span (app/observability/tracing.py).
 Retries happen only where the upstream cannot have started generating: a connection that was
@@ -12,15 +16,15 @@ at once instead of sleeping in a worker thread to retry.
 
 from __future__ import annotations
 
-import http.cookiejar
+import functools
 import random
 import threading
 import time
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
-from requests.models import PreparedRequest
-from requests.structures import CaseInsensitiveDict
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from app.errors import UpstreamError, UpstreamTimeout
 from app.observability.tracing import note_retry, trace_headers
@@ -29,6 +33,9 @@ from app.upstream.secrets import Secrets
 from settings import StreamingSettings
 
 RETRY_STATUSES = frozenset((429, 502, 503, 504))
+HEADERS = {"User-Agent": "llm-proxy", "Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
+# What requests gave every https pool: certificates checked against certifi's bundle.
+VERIFIED = {"cert_reqs": "CERT_REQUIRED", "ca_certs": DEFAULT_CA_BUNDLE_PATH}
 TICK = 1.0  # the longest a quiet stream's thread waits before it looks up
 
 
@@ -81,8 +88,7 @@ class HttpClient:
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
         self._last_used = clock()
         self.session = _make_session(pool_size)
-        self._adapter = self.session.get_adapter("https://")
-        self._headers = dict(self.session.headers)
+        self._pools = self.session.get_adapter("https://").poolmanager
 
     def post(self, url, body: bytes, headers: dict, request, attempts, *, stream=False,
              retry=True) -> UpstreamResponse:
@@ -109,10 +115,10 @@ class HttpClient:
                                       provider=self.provider, kind="timeout")
             started = self._clock()
             try:
-                response = self._adapter.send(
-                    self._prepare(url, body, headers), stream=True,
-                    timeout=(min(self.timeout[0], remaining), min(self.timeout[1], remaining)))
-                status = response.status_code
+                response = self._send("POST", url, body, headers,
+                                      min(self.timeout[0], remaining),
+                                      min(self.timeout[1], remaining))
+                status = response.status
                 if 300 <= status < 400:  # never followed: the provider is misconfigured or hostile
                     response.close()
                     raise UpstreamError(f"provider {self.provider} answered HTTP {status}, a "
@@ -123,7 +129,7 @@ class HttpClient:
                                           self.secrets.for_key(request.client_key))
                 if not stream or not answer.ok or answer.is_json:
                     answer.read(deadline)
-            except requests.RequestException as e:
+            except (urllib3.exceptions.HTTPError, OSError) as e:
                 error = failed_request(e, self.provider)
                 self._finish(attempts, started, failed=True)
                 delay = self._can_retry(attempt, tries, deadline, None) if error.retryable else None
@@ -161,11 +167,10 @@ class HttpClient:
         counted in the stats (it is no client's traffic), the body read whole within
         ``max_response_mb`` and ``timeout``. The status and body, or UpstreamError."""
         deadline = self._clock() + timeout
-        request = self._prepare(url, None, headers, method="GET")
         try:
-            response = self._adapter.send(request, stream=True,
-                                          timeout=(min(self.timeout[0], timeout), timeout))
-        except requests.RequestException as e:
+            response = self._send("GET", url, None, headers, min(self.timeout[0], timeout),
+                                  timeout)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
             raise failed_request(e, self.provider) from None
         answer = UpstreamResponse(response, self, self._clock())
         try:
@@ -174,20 +179,22 @@ class HttpClient:
             answer.close()
         return answer.status, answer.body()
 
-    def _prepare(self, url, body: bytes | None, headers: dict, *,
-                 method="POST") -> PreparedRequest:
-        """The request as requests' transport takes it, built directly: the Session's merging of
-        cookies, auth, hooks and environment settings is work this proxy never needs."""
-        request = PreparedRequest()
-        request.method = method
-        request.url = url
-        request.headers = CaseInsensitiveDict(self._headers)
-        request.headers.update(headers)
+    def _send(self, method, url, body: bytes | None, headers: dict, connect: float,
+              read: float) -> urllib3.BaseHTTPResponse:
+        """One request on a pooled connection to ``url``'s host, answered once its headers are
+        in: no retry, no redirect followed, the body left unread and undecoded."""
+        scheme, host, port, target = _split(url)
+        pool = self._pools.connection_from_host(host, port, scheme,
+                                                pool_kwargs=VERIFIED if scheme == "https" else None)
+        given = {name.lower() for name in headers}
+        sent = {name: value for name, value in HEADERS.items() if name.lower() not in given}
+        sent.update(headers)
         if body is not None:
-            request.headers["Content-Length"] = str(len(body))
-        request.body = body
-        request.hooks = {"response": []}
-        return request
+            sent["Content-Length"] = str(len(body))
+        return pool.urlopen(method, target, body=body, headers=sent, retries=False,
+                            redirect=False, assert_same_host=False, preload_content=False,
+                            decode_content=False, timeout=urllib3.Timeout(connect=connect,
+                                                                           read=read))
 
     def _finish(self, attempts, started, failed):
         now = self._clock()
@@ -219,16 +226,22 @@ class HttpClient:
 
 
 def _make_session(pool_size: int) -> requests.Session:
+    """The Session whose adapter holds the pools: one per host (4 hosts kept), each of
+    ``pool_size`` connections (the threads). Nothing is sent through the Session itself: no
+    cookie jar, proxy variables or .netrc is ever consulted."""
     session = requests.Session()
-    # No proxy env / .netrc lookups per request, and no cookies kept from any upstream.
-    session.trust_env = False
-    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    session.headers = CaseInsensitiveDict({"User-Agent": "llm-proxy", "Accept": "*/*",
-                                           "Accept-Encoding": "gzip, deflate"})
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+@functools.lru_cache(maxsize=1024)
+def _split(url: str) -> tuple[str, str, int | None, str]:
+    """``url`` as (scheme, host, port, the request target): a provider calls a few URLs again
+    and again (its base URL and a few paths)."""
+    parts = urllib3.util.parse_url(url)
+    return parts.scheme or "http", parts.host, parts.port, parts.request_uri
 
 
 def combined_stats(clients) -> dict:
