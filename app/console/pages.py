@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 
-import redis
 
 from app.console import figures as fmt
 from app.console.charts import chart
@@ -88,7 +87,7 @@ def _gather(p, series) -> str:
         return "this process"
     try:
         exchange.gather(series)
-    except (redis.RedisError, OSError) as e:
+    except exchange.FAILURES as e:
         log.warning("console: the other processes' figures could not be read: %s", e)
         return "this process only: Redis did not answer"
     n = series.processes
@@ -116,7 +115,7 @@ def _today(p, now) -> tuple[int, float, str]:
             return (tokens + others_tokens, cost + others_cost,
                     f"{note}{day} (UTC), {max(n, 1)} processes through Redis, each since it "
                     "started")
-        except (redis.RedisError, OSError):
+        except exchange.FAILURES:
             note += "Redis did not answer: "
     return tokens, cost, f"{note}this process since it started, {day} (UTC)"
 

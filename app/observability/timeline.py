@@ -1,7 +1,7 @@
 """The console's figures of the last hour: per-second counters of the proxied requests in a
 ring buffer, and their exchange through Redis so every process's seconds can be merged.
 
-``Timeline`` keeps 3600 one-second slots in flat ``array`` columns (no object per second):
+``Timeline`` keeps 3600 one-second slots in flat columns (no object per second):
 requests, errors (status 5xx: the proxy or its providers failed the request), refusals (4xx:
 the client's request was refused, a rate limit or budget included), cache hits and lookups
 (HIT/STALE of HIT/MISS/STALE; a BYPASS is no lookup), tokens and cost, and two histograms,
@@ -9,7 +9,9 @@ the request's latency to its last byte and the proxy's overhead (upstream time e
 histograms use fixed logarithmic buckets (``BUCKETS``, a factor of sqrt(2) apart from
 ``BASE_MS``), so the seconds of any processes add up bucket by bucket and a percentile read
 from the sum is within about 19% of the true one. Seconds are of the wall clock (injected),
-so the slots of different processes line up. About 1.5 MB a process.
+so the slots of different processes line up. At most 1.5 MB a process: the columns are
+anonymous memory mappings, whose pages take memory only once a second in them is written, so
+a proxy that has served little holds little of it.
 
 ``Exchange`` (app/observability/timeline_exchange.py) publishes this process's recent seconds
 to Redis and gathers the other processes' for the console.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import struct
 import threading
 import time
@@ -84,10 +87,7 @@ class Timeline:
         self.wall = wall
         self.slots = slots
         self.exchange = exchange
-        self._counts = array("q", bytes(8 * slots * WIDTH))
-        self._cost = array("d", bytes(8 * slots))
-        self._latency = array("I", bytes(4 * slots * BUCKETS))
-        self._overhead = array("I", bytes(4 * slots * BUCKETS))
+        self._empty()
         self._last = int(wall())  # the newest second held; slots hold (last - slots, last]
         self._day = (self._last // 86400, 0, 0, 0.0)  # (day number, requests, tokens, cost)
         self._lock = threading.Lock()
@@ -130,11 +130,20 @@ class Timeline:
                 day, requests, day_tokens, day_cost = second // 86400, 0, 0, 0.0
             self._day = (day, requests + 1, day_tokens + tokens, day_cost + cost_usd)
 
+    def _empty(self) -> None:
+        """Every slot empty: new mappings, untouched (locked, or before any thread sees it)."""
+        self._counts = _zeros("q", self.slots * WIDTH)
+        self._cost = _zeros("d", self.slots)
+        self._latency = _zeros("I", self.slots * BUCKETS)
+        self._overhead = _zeros("I", self.slots * BUCKETS)
+
     def _advance(self, second: int) -> None:
         """Empty the slots of the seconds after the newest one, up to ``second`` (locked)."""
-        spans = ([(0, self.slots)] if second - self._last >= self.slots
-                 else _slot_spans(self._last + 1, second + 1, self.slots))
-        for start, end in spans:
+        if second - self._last >= self.slots:
+            self._empty()
+            self._last = second
+            return
+        for start, end in _slot_spans(self._last + 1, second + 1, self.slots):
             n = end - start
             self._counts[start * WIDTH:end * WIDTH] = array("q", bytes(8 * n * WIDTH))
             self._cost[start:end] = array("d", bytes(8 * n))
@@ -149,8 +158,8 @@ class Timeline:
         with self._lock:
             if now > self._last:
                 self._advance(now)
-            return (self._last, self._counts[:], self._cost[:], self._latency[:],
-                    self._overhead[:], self._day)
+            return (self._last, _copied(self._counts), _copied(self._cost),
+                    _copied(self._latency), _copied(self._overhead), self._day)
 
     def series(self, step: int = 30, now: float | None = None) -> Series:
         """The last hour in points of ``step`` seconds, this process's seconds in them."""
@@ -183,10 +192,10 @@ class Timeline:
             begin = max(since, last - self.slots + 1)
             second = begin
             for first, stop in _slot_spans(begin, last + 1, self.slots):
-                pieces.append((second, self._counts[first * WIDTH:stop * WIDTH],
-                               self._cost[first:stop], self._latency[first * BUCKETS:
-                                                                     stop * BUCKETS],
-                               self._overhead[first * BUCKETS:stop * BUCKETS]))
+                pieces.append((second, _copied(self._counts[first * WIDTH:stop * WIDTH]),
+                               _copied(self._cost[first:stop]),
+                               _copied(self._latency[first * BUCKETS:stop * BUCKETS]),
+                               _copied(self._overhead[first * BUCKETS:stop * BUCKETS])))
                 second += stop - first
         found = []
         for second, counts, cost, latency, overhead in pieces:
@@ -212,6 +221,20 @@ class NullTimeline:
 
     def close(self):
         pass
+
+
+def _zeros(typecode: str, n: int) -> memoryview:
+    """``n`` zeros of ``typecode`` in an anonymous mapping: its pages are the kernel's shared
+    zero page until written, so only the seconds that saw a request take memory (an ``array``
+    of zeros writes all of it at once)."""
+    return memoryview(mmap.mmap(-1, array(typecode).itemsize * n)).cast(typecode)
+
+
+def _copied(view: memoryview) -> array:
+    """A copy of ``view`` (a column or a slice of one), taken under the lock and read after."""
+    copy = array(view.format)
+    copy.frombytes(view.cast("B"))
+    return copy
 
 
 def _slot_spans(begin: int, end: int, slots: int):

@@ -36,6 +36,8 @@ class Exchange:
     a slow read here must not count against Redis's health for the caches and limits.
     """
 
+    FAILURES = (redis.RedisError, OSError)  # what a call to Redis may raise
+
     def __init__(self, url: str, prefix: str, *, wall=time.time,
                  interval: float = PUBLISH_INTERVAL, client=None):
         self.prefix = f"{prefix}console:"

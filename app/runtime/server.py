@@ -53,6 +53,7 @@ from waitress.utilities import Error
 from app.auth import presented_key
 from app.errors import AdminDisabled, AdminRefused, InvalidRequest, PayloadTooLarge, ProxyError
 from app.protocols import messages
+from app.runtime.dispatcher import ElasticDispatcher
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -97,7 +98,7 @@ def build_server(app, *, host: str | None = None, port: int | None = None, socke
         options["sockets"] = sockets
     else:
         options.update(host=host or settings.host, port=settings.port if port is None else port)
-    server = create_server(app, **options)
+    server = create_server(app, _dispatcher=ElasticDispatcher(options["threads"]), **options)
     gate = HeaderGate(app)
     channel_class = gate.channel_class()
     for listener in listeners(server):

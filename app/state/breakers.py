@@ -14,11 +14,12 @@ from app.state.store import LOCAL, PREFIX, RedisGuard, locally
 IDLE_TTL = 24 * 3600.0  # seconds a breaker's keys outlive their last write
 
 
-class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
-    """pybreaker's ``CircuitRedisStorage`` (same keys, so plain pybreaker processes can share it)
-    whose every Redis call goes through the guard and, when Redis is unavailable, answers from
-    an in-memory copy instead of raising or forgetting: each value read or written is kept
-    locally, so a breaker that was open stays open through a Redis outage.
+class FallbackRedisStorage(pybreaker.CircuitBreakerStorage):
+    """A pybreaker storage in Redis with the keys of pybreaker's ``CircuitRedisStorage`` (so
+    plain pybreaker processes can share it), whose every Redis call goes through the guard and,
+    when Redis is unavailable, answers from an in-memory copy instead of raising or
+    forgetting: each value read or written is kept locally, so a breaker that was open stays
+    open through a Redis outage.
 
     Reads are served from that copy for ``max_age`` seconds after the last read or write: a
     breaker asks its state and counter on every call, and three Redis round trips a request
@@ -44,10 +45,11 @@ class FallbackRedisStorage(pybreaker.CircuitRedisStorage):
         self._fresh_until: dict[str, float] = {}
         self._max_age = max_age
         self._clock = clock
-        super().__init__(state, client, namespace=namespace, fallback_circuit_state=state)
+        self._prefix = f"{namespace}:pybreaker:"  # CircuitRedisStorage's keys
+        super().__init__("redis")
 
-    def _initialize_redis_state(self, state: str) -> None:
-        """Nothing to write: missing keys read as the closed state they would hold."""
+    def _namespace(self, key: str) -> str:
+        return self._prefix + key
 
     @property
     def state(self) -> str:
