@@ -27,7 +27,7 @@ import tempfile
 from bench import machine, report, services
 
 COMMANDS = ("run", "streaming", "reliability", "soak", "scaleout", "hotpath", "hostile",
-            "console", "targets")
+            "console", "targets", "compare")
 
 
 def names(known):

@@ -87,10 +87,31 @@ def test_the_floors_serve_the_load_and_the_targets_table_names_every_target(tmp_
     assert "| naive | 1 |" in output.with_suffix(".md").read_text()
 
 
+def test_compare_measures_each_variant_in_turn_with_its_ratio_to_the_first(tmp_path):
+    """``bench compare``: this checkout's production cache hit, once with an environment
+    variable added, and the ping floor, one round each, the ratios to the first."""
+    _tools_or_skip()
+    output = tmp_path / "compare"
+    done = subprocess.run([sys.executable, "-m", "bench", "compare", "--quick", "--no-setup",
+                           "--path", "cachehit", "--connections", "1", "--variant", "current",
+                           "--variant", "no-metrics=?METRICS_ENABLED=false", "--variant",
+                           "ping", "--output", str(output)], cwd=REPO, capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert [(r["variant"], r["connections"]) for r in report["rows"]] == [
+        ("current", 1), ("no-metrics", 1), ("ping", 1)]
+    assert all(r["rps"] > 0 and r["errors"] == 0 for r in report["rows"])
+    assert [m["variant"] for m in report["medians"]] == ["current", "no-metrics", "ping"]
+    assert report["medians"][0]["ratio"] == 1.0 and report["medians"][2]["ratio"] > 0
+    assert report["settings"]["variants"][1]["env"] == {"METRICS_ENABLED": "false"}
+    assert "| ping | 1 |" in output.with_suffix(".md").read_text()
+
+
 def test_every_command_has_help():
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     for command in ("run", "streaming", "reliability", "soak", "scaleout", "hotpath",
-                    "hostile", "console", "targets"):
+                    "hostile", "console", "targets", "compare"):
         assert command in done.stdout

@@ -6,11 +6,15 @@ request), though a steady load of 16 clients keeps 16 or so busy. ``ElasticDispa
 ``floor`` threads, adds one whenever a request arrives and no thread is free (up to the limit,
 ``server.threads``, so a burst of streams still gets a thread each), and lets a thread that
 found no work for ``idle_seconds`` end while more than ``floor`` run: after a burst the count
-goes back to the floor. The rest is waitress's own ``ThreadedTaskDispatcher``: its queue, its
-lock and counters, and its shutdown.
+goes back to the floor. Threads are started by a thread of the dispatcher's own, never by
+waitress's loop: ``Thread.start`` waits until the new thread runs, which under a loaded GIL can
+take milliseconds, and the loop serves every connection. The rest is waitress's own
+``ThreadedTaskDispatcher``: its queue, its lock and counters, and its shutdown.
 """
 
 from __future__ import annotations
+
+import threading
 
 from waitress.task import ThreadedTaskDispatcher
 
@@ -25,7 +29,13 @@ class ElasticDispatcher(ThreadedTaskDispatcher):
         self.limit = limit
         self.floor = min(floor, limit)
         self.idle_seconds = idle_seconds
+        self._wanted = 0  # threads asked of the grower, not yet started
+        self._closed = False
+        self._grow = threading.Condition(self.lock)
         self.set_thread_count(self.floor)
+        self._grower = threading.Thread(target=self._start_wanted, name="llm-proxy-thread-starter",
+                                        daemon=True)
+        self._grower.start()
 
     def running(self) -> int:
         """Threads running now (those told to stop left out)."""
@@ -36,22 +46,37 @@ class ElasticDispatcher(ThreadedTaskDispatcher):
         with self.lock:
             self.queue.append(task)
             running = len(self.threads) - self.stop_count
-            free = running - self.active_count
-            if len(self.queue) > free and running < self.limit and not self.stop_count:
-                self._start_thread()
+            free = running - self.active_count + self._wanted
+            if len(self.queue) > free and running + self._wanted < self.limit \
+                    and not self.stop_count:
+                self._wanted += 1
                 free += 1
+                self._grow.notify()
             self.queue_cv.notify()
             if len(self.queue) > free:
                 self.queue_logger.warning("Task queue depth is %d", len(self.queue) - free)
 
-    def _start_thread(self) -> None:
-        """One more thread (with the lock held), numbered as set_thread_count numbers them."""
-        number = 0
-        while number in self.threads:
-            number += 1
-        self.threads.add(number)
-        self.active_count += 1  # as waitress counts a new thread until it first waits
-        self.start_new_thread(self.handler_thread, number)
+    def shutdown(self, cancel_pending=True, timeout=5):
+        with self.lock:
+            self._closed = True
+            self._grow.notify()
+        return super().shutdown(cancel_pending=cancel_pending, timeout=timeout)
+
+    def _start_wanted(self) -> None:
+        """The grower: start the threads ``add_task`` asked for, one at a time."""
+        while True:
+            with self.lock:
+                while not self._wanted and not self._closed:
+                    self._grow.wait()
+                if self._closed:
+                    return
+                number = 0  # numbered as set_thread_count numbers them
+                while number in self.threads:
+                    number += 1
+                self.threads.add(number)
+                self.active_count += 1  # busy, as waitress counts a thread until it first waits
+                self._wanted -= 1  # (counted busy while it starts: at worst one more is asked)
+            self.start_new_thread(self.handler_thread, number)
 
     def handler_thread(self, thread_no) -> None:
         """waitress's loop, but a wait for work ends after ``idle_seconds``: a thread still
