@@ -31,6 +31,7 @@ LIMITS = {"rounds": (1, 10), "duration": (1, 60), "warmup": (0, 30), "retries": 
 FLOORS = os.path.join(services.BENCH, "floors")
 LITELLM = os.path.join(services.BENCH, "litellm")
 LITELLM_PYTHON = os.path.join(services.REPO, ".venv", "litellm", "bin", "python")
+LITELLM_CONFIG = os.path.join(LITELLM, "proxy.yaml")
 # LiteLLM offline: its model prices from the package, not fetched; no admin UI or docs.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True",
                "DISABLE_ADMIN_UI": "True", "NO_DOCS": "True", "LITELLM_LOG": "ERROR"}
@@ -267,7 +268,7 @@ def _start_floor(procs, tmp, subject, upstream) -> services.Proxy:
 
 
 def _start_litellm(procs, tmp, upstream, round_) -> services.Proxy:
-    """LiteLLM's proxy (one uvicorn worker) on the proxy's core, bench/litellm/config.yaml's
+    """LiteLLM's proxy (one uvicorn worker) on the proxy's core, bench/litellm/proxy.yaml's
     model at nginx, offline (``LITELLM_ENV``), the bench's key as its master key, no database."""
     port = services.free_port()
     log = os.path.join(tmp, f"litellm-{round_}.log")
@@ -275,7 +276,7 @@ def _start_litellm(procs, tmp, upstream, round_) -> services.Proxy:
            "LITELLM_MASTER_KEY": run.BENCH_KEY,  # the key the load sends, checked as ours is
            "HOME": tmp}  # anything it caches goes to the run's temporary directory
     argv = ["taskset", "-c", services.PROXY_CORE, LITELLM_PYTHON, "-m", "litellm.proxy.proxy_cli",
-            "--config", os.path.join(LITELLM, "config.yaml"), "--host", "127.0.0.1",
+            "--config", LITELLM_CONFIG, "--host", "127.0.0.1",
             "--port", str(port), "--num_workers", "1"]
     process = procs.start(argv, log_path=log, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"

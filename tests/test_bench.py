@@ -108,6 +108,22 @@ def test_compare_measures_each_variant_in_turn_with_its_ratio_to_the_first(tmp_p
     assert "| ping | 1 |" in output.with_suffix(".md").read_text()
 
 
+def test_the_litellm_config_the_targets_start_it_with_is_in_the_repository():
+    """Target 4 starts LiteLLM with bench/litellm/proxy.yaml: a fresh clone must have it (a
+    file named config.yaml would be left out by .gitignore) and it must serve the bench's model
+    from the upstream the bench gives."""
+    import yaml
+
+    from bench import targets
+    config = yaml.safe_load(pathlib.Path(targets.LITELLM_CONFIG).read_text())
+    [model] = config["model_list"]
+    assert model["model_name"] == "bench-model"
+    assert model["litellm_params"]["api_base"] == "os.environ/BENCH_UPSTREAM"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", targets.LITELLM_CONFIG],
+                             cwd=REPO, capture_output=True, text=True)
+    assert tracked.returncode == 0, "bench/litellm/proxy.yaml is not tracked by git"
+
+
 def test_every_command_has_help():
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
