@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 
-
 from app.console import figures as fmt
 from app.console.charts import chart
 from app.console.figures import Figures

@@ -33,9 +33,8 @@ class ElasticDispatcher(ThreadedTaskDispatcher):
         self._closed = False
         self._grow = threading.Condition(self.lock)
         self.set_thread_count(self.floor)
-        self._grower = threading.Thread(target=self._start_wanted, name="llm-proxy-thread-starter",
-                                        daemon=True)
-        self._grower.start()
+        threading.Thread(target=self._start_wanted, name="llm-proxy-thread-starter",
+                         daemon=True).start()
 
     def running(self) -> int:
         """Threads running now (those told to stop left out)."""

@@ -30,7 +30,8 @@ CHUNK = 65536  # bytes asked of the socket (or the decompressor) per read
 # Closing a stream at its last event: what may still be read of it (its last chunk) so that its
 # connection is kept, and the longest wait for that (the client already has its last event).
 FINISH_BYTES, FINISH_WAIT = 16384, 0.005
-STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException)
+# What a request to urllib3's pool, or a read of its answer's body, may raise.
+TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException)
 # The 4xx that say more about the provider than the client: 401/403, our key is bad; 408, 429.
 PROVIDER_4XX = frozenset((401, 403, 408, 429))
 
@@ -176,7 +177,7 @@ def _read_whole(response: urllib3.BaseHTTPResponse, client, deadline: float) -> 
                                     f"of {limit_mb:g} MB (http_client.max_response_mb)",
                                     provider=provider, kind="too_large")
             parts.append(data)
-    except STREAM_ERRORS as e:
+    except TRANSPORT_ERRORS as e:
         response.close()
         raise _broken_off(e, provider, "the answer broke off") from None
     except UpstreamError:
@@ -203,7 +204,7 @@ def _iter_body(response: urllib3.BaseHTTPResponse, client, ready: _Readiness):
                 return
             quiet_since = time.monotonic()
             yield data
-    except STREAM_ERRORS as e:
+    except TRANSPORT_ERRORS as e:
         raise _broken_off(e, client.provider, "the stream broke off") from None
 
 

@@ -28,7 +28,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from app.errors import UpstreamError, UpstreamTimeout
 from app.observability.tracing import note_retry, trace_headers
-from app.upstream import UpstreamResponse, failed_request, retry_after_seconds
+from app.upstream import TRANSPORT_ERRORS, UpstreamResponse, failed_request, retry_after_seconds
 from app.upstream.secrets import Secrets
 from settings import StreamingSettings
 
@@ -129,7 +129,7 @@ class HttpClient:
                                           self.secrets.for_key(request.client_key))
                 if not stream or not answer.ok or answer.is_json:
                     answer.read(deadline)
-            except (urllib3.exceptions.HTTPError, OSError) as e:
+            except TRANSPORT_ERRORS as e:
                 error = failed_request(e, self.provider)
                 self._finish(attempts, started, failed=True)
                 delay = self._can_retry(attempt, tries, deadline, None) if error.retryable else None
@@ -170,7 +170,7 @@ class HttpClient:
         try:
             response = self._send("GET", url, None, headers, min(self.timeout[0], timeout),
                                   timeout)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+        except TRANSPORT_ERRORS as e:
             raise failed_request(e, self.provider) from None
         answer = UpstreamResponse(response, self, self._clock())
         try:
